@@ -1,0 +1,28 @@
+"""Checkpoint I/O: read any supported checkpoint, inspect headers, check compatibility, write atomically."""
+
+from lmctk.io.atomic import atomic_write_bytes, atomic_write_text
+from lmctk.io.compat import assert_same_keys, assert_same_shapes, check_compatible
+from lmctk.io.info import CheckpointInfo, TensorInfo, layer_prefix
+from lmctk.io.inspect import inspect_checkpoint
+from lmctk.io.layout import resolve_checkpoint
+from lmctk.io.read import load_state
+from lmctk.io.sizes import format_bytes, parse_size
+from lmctk.io.write import save_hf_dir, save_state
+
+__all__ = [
+    "CheckpointInfo",
+    "TensorInfo",
+    "assert_same_keys",
+    "assert_same_shapes",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "check_compatible",
+    "format_bytes",
+    "inspect_checkpoint",
+    "layer_prefix",
+    "load_state",
+    "parse_size",
+    "resolve_checkpoint",
+    "save_hf_dir",
+    "save_state",
+]

@@ -1,0 +1,78 @@
+"""Reading a flat state (name -> tensor) from any checkpoint lmctk understands, without running pickle code."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from lmctk.errors import ConfigError, NonFiniteError
+from lmctk.io.header import corrupt, read_header
+from lmctk.io.layout import locate
+from lmctk.io.torchfile import load_torch_state
+
+
+def load_state(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    check_finite: bool = True,
+    keys: Iterable[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Read a state from a .safetensors/.pt/.pth/.bin file, an HF model dir (sharded or not) or a run dir.
+
+    `keys` reads only those tensors (lazily for safetensors). `dtype` casts floating-point tensors only
+    (integer buffers keep theirs). `check_finite` raises NonFiniteError naming the file and key.
+    """
+    cast = _as_dtype(dtype)
+    layout = locate(path)
+    state: dict[str, torch.Tensor] = {}
+    for file, names in layout.plan(keys):
+        part = _read_safetensors(file, names) if layout.is_safetensors else _read_torch(file, names)
+        absent = [n for n in names or () if n not in part]
+        if absent:
+            raise layout.absent(file, absent)
+        for name, tensor in part.items():
+            if cast is not None and tensor.is_floating_point():
+                tensor = tensor.to(cast)
+            tensor = tensor.to(device)
+            if check_finite:
+                _require_finite(file, name, tensor)
+            state[name] = tensor
+    return state
+
+
+def _read_safetensors(file: Path, names: list[str] | None) -> dict[str, torch.Tensor]:
+    declared = {t.name: t for t in read_header(file)[0]}  # our checks (and messages) before the Rust reader's
+    wanted = list(declared) if names is None else [n for n in names if n in declared]
+    try:
+        with safe_open(file, framework="pt") as f:
+            return {name: f.get_tensor(name) for name in wanted}
+    except SafetensorError as exc:
+        raise corrupt(file, f"safetensors cannot read it ({exc})") from exc
+
+
+def _read_torch(file: Path, names: list[str] | None) -> dict[str, torch.Tensor]:
+    state = load_torch_state(file)[0]
+    return state if names is None else {n: state[n] for n in names if n in state}
+
+
+def _require_finite(file: Path, name: str, tensor: torch.Tensor) -> None:
+    if tensor.is_floating_point() or tensor.is_complex():
+        values = tensor if tensor.element_size() > 1 else tensor.float()  # isfinite lacks float8 kernels
+        n_bad = tensor.numel() - int(torch.isfinite(values).sum())
+        if n_bad:
+            raise NonFiniteError(file, name, n_bad)
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    found = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype), None)
+    if not isinstance(found, torch.dtype) or not found.is_floating_point:
+        raise ConfigError(f"dtype: {dtype!r} is not a torch floating-point dtype; use e.g. 'float32' or 'bfloat16'")
+    return found
