@@ -202,7 +202,7 @@ class Trainer:
             group["lr"] = lr
         self.model.train()
         with self.dropout_rng.active():
-            loss = self.task.loss(forward(self.model, batch), batch)
+            loss = self.task.loss(forward(self.model, batch, self.task), batch)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
         if self.config.grad_clip:
