@@ -1,77 +1,14 @@
-"""The `lmctk` command line: parse, call the Python API, render. No computation lives here.
-
-Exit codes: 0 success, 2 bad input (one red line on stderr, traceback only with --debug),
-3 a negative verdict (used by commands that judge, such as `soupable`).
-"""
+"""`lmctk train` and `lmctk inspect`: make checkpoints and look inside them."""
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-import click
 import typer
-from rich.console import Console
 
-from lmctk import __version__
-from lmctk.errors import ConfigError, LmctkError
-
-app = typer.Typer(
-    name="lmctk",
-    help="Linear mode connectivity and model merging: align, interpolate, soup, and study training stability.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-console = Console()
-err_console = Console(stderr=True)
-_debug = False
-
-
-def _version(value: bool) -> None:
-    if value:
-        console.print(f"lmctk {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
-) -> None:
-    global _debug
-    _debug = debug
-
-
-def parse_options(pairs: list[str], what: str) -> dict[str, Any]:
-    """Turn repeated `key=value` flags into a dict; values are JSON when they parse, lists on commas."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"{what}: '{pair}' is not key=value (e.g. {what} widths=64,64)")
-        out[key.strip()] = _parse_value(raw.strip())
-    return out
-
-
-def _parse_value(raw: str) -> Any:
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        if "," in raw:
-            return [_parse_value(p) for p in raw.split(",") if p]
-        return raw
-
-
-def write_json(path: Path, payload: dict[str, Any], overwrite: bool) -> None:
-    from lmctk.errors import OutputExistsError
-    from lmctk.io import atomic_write_text
-
-    if path.exists() and not overwrite:
-        raise OutputExistsError(path)
-    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+from lmctk.cli.app import app, console, parse_options, write_json
+from lmctk.errors import ConfigError
 
 
 @app.command()
@@ -155,28 +92,3 @@ def inspect(
     console.print(info)
     if json_out:
         write_json(json_out, info.to_dict(), overwrite)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `lmctk` console script; returns the exit code."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        app(args=args, prog_name="lmctk", standalone_mode=False)
-    except LmctkError as e:
-        if _debug or "--debug" in args:
-            raise
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        return e.exit_code
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.ClickException as e:
-        e.show()
-        return e.exit_code
-    except click.exceptions.Abort:
-        err_console.print("[red]aborted[/]")
-        return 130
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
