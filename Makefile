@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/python -m pip install "$(TORCH)"
-	$(BIN)/python -m pip install -e ".[plot,dev]"
+	$(BIN)/python -m pip install -e ".[plot,lap,dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)
