@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `lmctk` console script; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        app(args=args, prog_name="lmctk", standalone_mode=False)
+        code = app(args=args, prog_name="lmctk", standalone_mode=False)  # typer.Exit(n) inside a command returns n
     except LmctkError as e:
         if _debug or "--debug" in args:
             raise
@@ -92,4 +92,4 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         err_console.print("[red]aborted[/]")
         return 130
-    return 0
+    return code if isinstance(code, int) else 0

@@ -5,12 +5,15 @@ from lmctk.io.compat import assert_same_keys, assert_same_shapes, check_compatib
 from lmctk.io.info import CheckpointInfo, TensorInfo, layer_prefix
 from lmctk.io.inspect import inspect_checkpoint
 from lmctk.io.layout import resolve_checkpoint
+from lmctk.io.lazy import LazyState, state_device, state_shapes
 from lmctk.io.read import load_state
 from lmctk.io.sizes import format_bytes, parse_size
+from lmctk.io.stream import TensorSlot, partial_dir, stream_hf_dir
 from lmctk.io.write import save_hf_dir, save_state
 
 __all__ = [
     "CheckpointInfo",
+    "LazyState",
     "TensorInfo",
     "assert_same_keys",
     "assert_same_shapes",
@@ -25,4 +28,9 @@ __all__ = [
     "resolve_checkpoint",
     "save_hf_dir",
     "save_state",
+    "state_device",
+    "state_shapes",
+    "stream_hf_dir",
+    "TensorSlot",
+    "partial_dir",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from lmctk.io.lazy import state_shapes
 from lmctk.errors import ConfigError, KeyMismatchError, ShapeMismatchError
 from lmctk.io.info import CheckpointInfo
 
@@ -30,7 +31,7 @@ def assert_same_keys(a: Mapping[str, Any], b: Mapping[str, Any], name_a: str = "
 
 def assert_same_shapes(a: Mapping[str, Any], b: Mapping[str, Any], name_a: str = "a", name_b: str = "b") -> None:
     """Raise KeyMismatchError or ShapeMismatchError unless states `a` and `b` have the same keys and shapes."""
-    _require_same(name_a, {k: tuple(v.shape) for k, v in a.items()}, name_b, {k: tuple(v.shape) for k, v in b.items()})
+    _require_same(name_a, state_shapes(a), name_b, state_shapes(b))
 
 
 def _require_same(

@@ -49,7 +49,7 @@ def save_state(
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ConfigError(f"{path}: save_state writes safetensors; give a path ending in .safetensors")
-    tensors, meta = _storable(state), _metadata(metadata)
+    tensors, meta = _storable(state), metadata_with_format(metadata)
     with staged(path, overwrite=overwrite) as tmp:
         _write_safetensors(tensors, tmp, meta)
     return path
@@ -72,28 +72,29 @@ def save_hf_dir(
     copied from `source_dir` when present; `config` (a dict or PretrainedConfig) becomes config.json.
     """
     out_dir = Path(out_dir)
-    shards = _split(_storable(state), parse_size(shard_size))
-    meta = _metadata(metadata)
-    config_json = None if config is None else _config_json(config)
-    sources = [] if source_dir is None else _side_files(resolve_checkpoint(source_dir))
+    tensors = _storable(state)
+    groups = plan_shards({name: t.numel() * t.element_size() for name, t in tensors.items()}, parse_size(shard_size))
+    shards = [{name: tensors[name] for name in group} for group in groups]
+    meta = metadata_with_format(metadata)
+    config_text = None if config is None else config_json(config)
+    sources = [] if source_dir is None else side_files(resolve_checkpoint(source_dir))
     with staged(out_dir, overwrite=overwrite) as tmp:
         tmp.mkdir()
         for src in sources:
             shutil.copyfile(src, tmp / src.name)
             fsync_path(tmp / src.name)
-        if config_json is not None:
-            atomic_write_text(tmp / "config.json", config_json)
+        if config_text is not None:
+            atomic_write_text(tmp / "config.json", config_text)
         if len(shards) == 1:
             _write_safetensors(shards[0], tmp / WEIGHTS_NAME, meta)
         else:
             weight_map = {}
             for i, shard in enumerate(shards, start=1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                name = shard_file_name(i, len(shards))
                 _write_safetensors(shard, tmp / name, meta)
                 weight_map.update(dict.fromkeys(shard, name))
             total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            atomic_write_text(tmp / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
+            write_index(tmp, weight_map, total)
         fsync_path(tmp)
     return out_dir
 
@@ -114,21 +115,31 @@ def _storable(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _split(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    """Consecutive shards of at most `max_bytes` (a larger tensor gets a shard of its own)."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
+def plan_shards(sizes: Mapping[str, int], max_bytes: int) -> list[list[str]]:
+    """Names in order, grouped into consecutive shards of at most `max_bytes` (a larger tensor gets its own)."""
+    shards: list[list[str]] = [[]]
     size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
+    for name, nbytes in sizes.items():
         if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][name] = tensor
+        shards[-1].append(name)
         size += nbytes
     return shards
 
 
-def _metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+def shard_file_name(i: int, n: int) -> str:
+    """The HF name of shard `i` (1-based) of `n`: `model.safetensors` when n == 1, else model-0000i-of-0000n."""
+    return WEIGHTS_NAME if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+
+
+def write_index(directory: Path, weight_map: Mapping[str, str], total_size: int) -> Path:
+    """Write `model.safetensors.index.json` (tensor -> shard file, total bytes) atomically into `directory`."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    return atomic_write_text(directory / INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def metadata_with_format(metadata: Mapping[str, str] | None) -> dict[str, str]:
     """User metadata plus format=pt, which transformers requires to load the file."""
     for key, value in (metadata or {}).items():
         if not (isinstance(key, str) and isinstance(value, str)):
@@ -136,7 +147,7 @@ def _metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
     return {**(metadata or {}), "format": "pt"}
 
 
-def _config_json(config: Any) -> str:
+def config_json(config: Any) -> str:
     if hasattr(config, "to_json_string"):  # a transformers PretrainedConfig, without importing transformers
         return config.to_json_string()
     if isinstance(config, Mapping):
@@ -147,7 +158,7 @@ def _config_json(config: Any) -> str:
     raise ConfigError(f"config: expected a dict or a transformers PretrainedConfig, got {type(config).__name__}")
 
 
-def _side_files(source: Path) -> list[Path]:
+def side_files(source: Path) -> list[Path]:
     if not source.is_dir():
         raise ConfigError(f"source_dir: {source} is not a directory; give the HF model dir the weights came from")
     return [source / name for name in SIDE_FILES if (source / name).is_file()]

@@ -1,0 +1,145 @@
+"""`lmctk soup` and `lmctk soupable`: average checkpoints into a loadable model, and judge whether to."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lmctk.cli.app import app, console, parse_options, write_json
+from lmctk.errors import ConfigError
+
+
+def _weights(text: Optional[str]) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        return [float(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise ConfigError(f"--weights: '{text}' is not a comma-separated list of numbers (e.g. 0.5,0.3,0.2)") from None
+
+
+@app.command()
+def soup(
+    checkpoints: list[Path] = typer.Argument(None, help="Run dirs (latest checkpoint), HF model dirs or weight files."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output HF model dir (refused if it exists, unless --overwrite)."),
+    method: Optional[str] = typer.Option(None, help="uniform, weighted or greedy (default: uniform)."),
+    weights: Optional[str] = typer.Option(None, help="Weighted soups: one weight per checkpoint, e.g. 0.5,0.3,0.2."),
+    task: Optional[str] = typer.Option(None, help="Task whose val split scores a greedy soup (default: the runs' task)."),
+    task_opt: list[str] = typer.Option([], "--task-opt", help="Task option key=value (repeatable)."),
+    metric: Optional[str] = typer.Option(None, help="Greedy selection metric: accuracy or loss (default: loss)."),
+    tolerance: Optional[float] = typer.Option(None, help="Greedy: keep a candidate unless the val score drops by this much (default: 0, strict)."),
+    dtype: Optional[str] = typer.Option(None, help="Output dtype of float tensors: float32, bfloat16 or float16 (default: as input)."),
+    shard_size: Optional[str] = typer.Option(None, help="Largest output shard, e.g. 2GB or 500MiB (default: 2GB)."),
+    tokenizer_from: Optional[str] = typer.Option(None, help="Ingredient (number or path) whose tokenizer the soup keeps when they differ."),
+    align_to: Optional[Path] = typer.Option(None, "--align-to", help="Permute every ingredient onto this checkpoint first (weight matching)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="A soup recipe TOML (recipes/soup-*.toml); flags override its fields."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check headers and tokenizers, print the plan and estimates; write nothing."),
+    resume: bool = typer.Option(False, help="Continue an interrupted write of the same soup from its journal."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --out."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
+) -> None:
+    """Average checkpoints (uniform, weighted or greedy) into an HF model dir, streamed tensor by tensor."""
+    from lmctk.soup import (
+        IngredientSpec,
+        SoupRecipe,
+        SoupSpec,
+        TaskSpec,
+        load_soup_recipe,
+        soup_files,
+    )
+
+    if recipe is not None:
+        base = load_soup_recipe(recipe)
+        if checkpoints:
+            raise ConfigError("checkpoints: give them in the recipe or on the command line, not both")
+    else:
+        if not checkpoints:
+            raise ConfigError("checkpoints: give at least 2 checkpoints, or --recipe FILE.toml")
+        base = SoupRecipe(SoupSpec([IngredientSpec(str(p)) for p in checkpoints]))
+    spec = base.soup
+    ingredients = spec.ingredients
+    weight_list = _weights(weights)
+    if weight_list is not None:
+        if len(weight_list) != len(ingredients):
+            raise ConfigError(f"--weights: {len(weight_list)} weights for {len(ingredients)} checkpoints; give one per checkpoint")
+        ingredients = [IngredientSpec(i.path, w) for i, w in zip(ingredients, weight_list)]
+    chosen = method or ("weighted" if weight_list is not None else spec.method)
+    if chosen != "weighted" and weight_list is None:  # the CLI chose another method: the recipe's weights go
+        ingredients = [IngredientSpec(i.path) for i in ingredients]
+    task_spec = base.task
+    if task is not None:
+        task_spec = TaskSpec(task, parse_options(task_opt, "--task-opt"))
+    elif task_opt:
+        if task_spec is None:
+            raise ConfigError("--task-opt: give --task too")
+        task_spec = TaskSpec(task_spec.name, {**task_spec.options, **parse_options(task_opt, "--task-opt")})
+    final = SoupRecipe(
+        SoupSpec(
+            ingredients,
+            out=str(out) if out is not None else spec.out,
+            method=chosen,
+            dtype=dtype or spec.dtype,
+            shard_size=shard_size or spec.shard_size,
+            tokenizer_from=tokenizer_from or spec.tokenizer_from,
+            align_to=str(align_to) if align_to is not None else spec.align_to,
+            metric=metric or spec.metric,
+            tolerance=spec.tolerance if tolerance is None else tolerance,
+        ),
+        task_spec,
+    )
+    if json_out and json_out.exists() and not overwrite:
+        from lmctk.errors import OutputExistsError
+
+        raise OutputExistsError(json_out)
+    if dry_run:
+        result = soup_files(final, dry_run=True, overwrite=overwrite)
+    else:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        with Progress(TextColumn("[bold]soup"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
+            job = bar.add_task("soup", total=None)
+
+            def progress(name: str, done: int, total: int) -> None:
+                bar.update(job, completed=done, total=total)
+
+            result = soup_files(final, resume=resume, overwrite=overwrite, progress=progress)
+    console.print(result)
+    if json_out:
+        write_json(json_out, result.to_dict(), overwrite)
+
+
+@app.command()
+def soupable(
+    checkpoints: list[Path] = typer.Argument(..., help="Two or more run dirs, HF model dirs or weight files."),
+    task: Optional[str] = typer.Option(None, help="Task to judge on (default: the runs' task)."),
+    task_opt: list[str] = typer.Option([], "--task-opt", help="Task option key=value (repeatable)."),
+    base: Optional[Path] = typer.Option(None, help="The common base checkpoint: enables task-vector cosines."),
+    threshold: float = typer.Option(0.05, help="Largest acceptable loss barrier between two ingredients."),
+    points: Optional[int] = typer.Option(None, help="Also compute full barriers on a grid of this many α (incl. 0 and 1)."),
+    metric: Optional[str] = typer.Option(None, help="Held-out metric for selection: accuracy or loss (default: loss)."),
+    tolerance: float = typer.Option(0.0, help="Greedy soup tolerance on the val score."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the verdict as JSON here."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --json file."),
+) -> None:
+    """Should these checkpoints be souped? Exit 0 soupable, 3 not soupable, 2 bad input."""
+    from lmctk.soup import soupable as judge
+
+    if json_out and json_out.exists() and not overwrite:
+        from lmctk.errors import OutputExistsError
+
+        raise OutputExistsError(json_out)
+    verdict = judge(checkpoints, task, task_options=parse_options(task_opt, "--task-opt"), base=base,
+                    threshold=threshold, points=points, metric=metric, tolerance=tolerance)
+    console.print(verdict)
+    if json_out:
+        write_json(json_out, verdict.to_dict(), overwrite)
+    raise typer.Exit(verdict.exit_code)

@@ -1,0 +1,217 @@
+"""`soupable`: should these checkpoints be averaged, and which? A verdict with its evidence.
+
+Evidence: pairwise loss barriers on the held-out split (midpoint: L(θ(½)) − ½(L_A+L_B); with
+`points`, the max over an α grid), weight cosines (a shared-initialisation check), task-vector
+cosines against `base`, and uniform soup vs greedy soup vs the best single model on val and test.
+Soupable iff every barrier is at most `threshold`, the uniform soup's val loss is at most the best
+ingredient's plus `threshold` (one basin, and averaging costs nothing on held-out data), and the
+checkpoints share an initialisation (weight cosine ≥ 0.5, with the base when given). The states are held in memory (N models): this is an analysis tool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmctk.errors import ConfigError
+from lmctk.io import assert_same_shapes, load_state
+from lmctk.soup.core import GreedyResult, greedy_soup, uniform_soup
+from lmctk.soup.evaluate import Scorer, resolve_task
+
+SHARED_INIT_COSINE = 0.5  # weight cosine below which two checkpoints are taken to come from different inits
+State = Mapping[str, torch.Tensor]
+
+
+@dataclass
+class Verdict:
+    """The soupability verdict, its one-line explanation and the evidence behind it."""
+
+    soupable: bool
+    explanation: str
+    names: list[str]
+    metric: str
+    threshold: float
+    barriers: dict[str, dict[str, float]]  # "i-j" (1-based) -> midpoint (and max) loss barrier
+    weight_cosine: list[list[float]]
+    task_cosine: list[list[float]] | None
+    shared_init: bool
+    models: dict[str, dict[str, dict[str, float]]]  # label -> split -> metrics
+    greedy: GreedyResult
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.soupable else 3
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "soupable": self.soupable, "explanation": self.explanation, "ingredients": self.names,
+            "metric": self.metric, "threshold": self.threshold, "barriers": self.barriers,
+            "weight_cosine": self.weight_cosine, "task_vector_cosine": self.task_cosine,
+            "shared_init": self.shared_init, "models": self.models, "greedy": self.greedy.to_dict(),
+            "notes": self.notes,
+        }
+
+    def __rich__(self):
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        n = len(self.names)
+        ing = Table(title="ingredients")
+        ing.add_column("#", justify="right")
+        ing.add_column("checkpoint")
+        for i, name in enumerate(self.names, start=1):
+            ing.add_row(str(i), name)
+        pairs = Table(title=f"pairs (loss barrier on val; threshold {self.threshold})")
+        for column in ("pair", "barrier (midpoint)", "barrier (max)", "weight cosine (matrices)", "task-vector cosine"):
+            pairs.add_column(column, justify="right")
+        for i in range(n):
+            for j in range(i + 1, n):
+                b = self.barriers[f"{i + 1}-{j + 1}"]
+                style = "red" if max(b.values()) > self.threshold else ""
+                pairs.add_row(f"{i + 1}-{j + 1}", f"{b['midpoint']:.4f}", f"{b['max']:.4f}" if "max" in b else "-",
+                              f"{self.weight_cosine[i][j]:.3f}",
+                              "-" if self.task_cosine is None else f"{self.task_cosine[i][j]:.3f}", style=style)
+        models = Table(title="models")
+        models.add_column("model")
+        for split in ("val", "test"):
+            models.add_column(f"{split} loss", justify="right")
+            models.add_column(f"{split} acc", justify="right")
+        for label, row in self.models.items():
+            models.add_row(label, *[f"{row[s][k]:.4f}" for s in ("val", "test") for k in ("loss", "accuracy")])
+        colour = "green" if self.soupable else "red"
+        lines = [Text(f"shared initialisation: {'yes' if self.shared_init else 'no'}")]
+        lines += [Text(f"note: {note}") for note in self.notes]
+        return Group(ing, pairs, models, self.greedy, *lines, Text(self.explanation, style=f"bold {colour}"))
+
+
+def soupable(
+    paths: Sequence[str | Path],
+    task: Any = None,
+    *,
+    task_options: Mapping[str, Any] | None = None,
+    base: str | Path | None = None,
+    threshold: float = 0.05,
+    points: int | None = None,
+    metric: str | None = None,
+    tolerance: float = 0.0,
+) -> Verdict:
+    """Judge whether the checkpoints at `paths` should be souped on `task` (default: the runs' task)."""
+    if len(paths) < 2:
+        raise ConfigError(f"checkpoints: soupable needs at least 2, got {len(paths)}")
+    if threshold < 0:
+        raise ConfigError(f"--threshold: {threshold} is negative; give a loss barrier such as 0.05")
+    if points is not None and points < 3:
+        raise ConfigError(f"--points: {points} is too few; give at least 3 (the grid includes 0 and 1)")
+    task = resolve_task(task, task_options, paths)
+    scorer = Scorer.for_checkpoint(paths[0], task, metric)
+    names = [str(p) for p in paths]
+    states = [load_state(p, dtype=torch.float32) for p in paths]
+    for i, state in enumerate(states[1:], start=2):
+        assert_same_shapes(states[0], state, names[0], names[i - 1])
+    own = [{s: scorer.metrics(state, s) for s in ("val", "test")} for state in states]
+    barriers = {}
+    for i in range(len(states)):
+        for j in range(i + 1, len(states)):
+            barriers[f"{i + 1}-{j + 1}"] = _barrier(scorer, states[i], states[j], own[i]["val"]["loss"], own[j]["val"]["loss"], points)
+    weight_cos = _cosines(states, matrices_only=True)
+    task_cos, notes = None, []
+    if base is not None:
+        base_state = load_state(base, dtype=torch.float32)
+        assert_same_shapes(states[0], base_state, names[0], str(base))
+        task_cos = _cosines([{k: s[k] - base_state[k] for k in _floats(s)} for s in states])
+        base_cos = _cosines([base_state, *states], matrices_only=True)[0][1:]
+        shared = all(c >= SHARED_INIT_COSINE for c in base_cos)
+        notes.append("weight cosine with the base: " + ", ".join(f"{i + 1}: {c:.3f}" for i, c in enumerate(base_cos)))
+    else:
+        shared = all(weight_cos[i][j] >= SHARED_INIT_COSINE for i in range(len(states)) for j in range(i + 1, len(states)))
+        notes.append("no --base: task-vector cosines need the common base checkpoint")
+    uniform = uniform_soup(states)
+    greedy = greedy_soup(states, scorer.score, names=names, scores=[scorer.value(m["val"]) for m in own],
+                         tolerance=tolerance, metric=f"val {scorer.metric}")
+    models = {f"{i + 1}": own[i] for i in range(len(states))}
+    models["uniform soup"] = {s: scorer.metrics(uniform, s) for s in ("val", "test")}
+    assert greedy.state is not None
+    models["greedy soup"] = {s: scorer.metrics(greedy.state, s) for s in ("val", "test")}
+    best = max(range(len(states)), key=lambda i: (scorer.value(own[i]["val"]), -i))
+    soup_ok, explanation = _explain(scorer, barriers, threshold, greedy, models, best, len(states))
+    if soup_ok and not shared:
+        n = len(states)
+        i, j = min(((i, j) for i in range(n) for j in range(i + 1, n)), key=lambda p: weight_cos[p[0]][p[1]])
+        soup_ok, explanation = False, (
+            f"not soupable: ingredients {i + 1} and {j + 1} do not share an initialisation (weight cosine "
+            f"{weight_cos[i][j]:.2f} < {SHARED_INIT_COSINE}); align them first (lmctk soup --align-to REF) "
+            "or soup fine-tunes of one base")
+    return Verdict(soup_ok, explanation, names, scorer.metric, threshold, barriers, weight_cos, task_cos, shared,
+                   models, greedy, notes)
+
+
+def _floats(state: State) -> list[str]:
+    return [k for k, v in state.items() if v.is_floating_point()]
+
+
+def _lerp(a: State, b: State, alpha: float) -> dict[str, torch.Tensor]:
+    return {k: torch.lerp(a[k], b[k], alpha) if a[k].is_floating_point() else a[k] for k in a}
+
+
+def _barrier(scorer: Scorer, a: State, b: State, loss_a: float, loss_b: float, points: int | None) -> dict[str, float]:
+    """Mean-endpoint loss barrier on val: at α=½, and with `points` the max over an α grid."""
+    mean = 0.5 * (loss_a + loss_b)
+    out = {"midpoint": scorer.metrics(_lerp(a, b, 0.5), scorer.split)["loss"] - mean}
+    if points:
+        inner = [i / (points - 1) for i in range(1, points - 1)]
+        out["max"] = max([0.0, out["midpoint"], *(scorer.metrics(_lerp(a, b, x), scorer.split)["loss"] - mean for x in inner)])
+    return out
+
+
+def _cosines(states: Sequence[State], matrices_only: bool = False) -> list[list[float]]:
+    """Pairwise cosine similarity of the flattened float tensors (or only those with 2+ dims).
+
+    The shared-init check uses matrices only: norm gains (all ones at init) and biases would make
+    two independent inits look alike.
+    """
+    keys = _floats(states[0])
+    if matrices_only and any(states[0][k].ndim >= 2 for k in keys):
+        keys = [k for k in keys if states[0][k].ndim >= 2]
+    flat = torch.stack([torch.cat([s[k].reshape(-1).double() for k in keys]) for s in states])
+    flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return (flat @ flat.T).tolist()
+
+
+def _explain(scorer: Scorer, barriers, threshold, greedy: GreedyResult, models, best: int, n: int) -> tuple[bool, str]:
+    kept = ", ".join(str(i + 1) for i in sorted(greedy.kept))
+    keeps = f"the greedy soup keeps {'only ' if len(greedy.kept) < n else ''}{kept}"
+    high = {pair: max(b.values()) for pair, b in barriers.items() if max(b.values()) > threshold}
+    if high:
+        conflicts: dict[str, set[str]] = {}
+        for pair in high:
+            i, j = pair.split("-")
+            conflicts.setdefault(i, set()).add(j)
+            conflicts.setdefault(j, set()).add(i)
+        loners = [i for i, others in conflicts.items() if len(others) == n - 1]
+        if len(loners) == 1 and all(others == {loners[0]} for i, others in conflicts.items() if i != loners[0]):
+            worst = max(v for pair, v in high.items() if loners[0] in pair.split("-"))
+            return False, (f"not soupable: ingredient {loners[0]} sits in a different basin from the others "
+                           f"(barriers up to {worst:.2f}); {keeps}")
+        pair, worst = max(high.items(), key=lambda kv: kv[1])
+        i, j = pair.split("-")
+        return False, f"not soupable: ingredients {i} and {j} sit in different basins (barrier {worst:.2f}); {keeps}"
+    uni, top = models["uniform soup"], models[f"{best + 1}"]
+    lowest = min(range(n), key=lambda i: models[f"{i + 1}"]["val"]["loss"])
+    gap = uni["val"]["loss"] - models[f"{lowest + 1}"]["val"]["loss"]
+    if gap > threshold:
+        return False, (f"not soupable: the uniform soup's val loss is {gap:.2f} above the best ingredient's "
+                       f"({lowest + 1}), more than the threshold {threshold}; {keeps}")
+    if scorer.task.kind == "classification":
+        delta = 100 * (uni["test"]["accuracy"] - top["test"]["accuracy"])
+        verb = f"improves test accuracy by {delta:.1f} points" if delta >= 0 else f"changes test accuracy by {delta:.1f} points"
+    else:
+        delta = top["test"]["loss"] - uni["test"]["loss"]
+        verb = f"lowers test loss by {delta:.4f}" if delta >= 0 else f"raises test loss by {-delta:.4f}"
+    return True, f"soupable: the uniform soup {verb} over the best ingredient ({best + 1}); {keeps}"
+

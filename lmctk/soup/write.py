@@ -1,0 +1,168 @@
+"""Streaming a soup from files: tensor by tensor, one ingredient at a time, straight into output shards.
+
+For each output tensor an fp32 accumulator receives w·θᵢ from each ingredient in turn (read with
+`safe_open(...).get_tensor(name)` and released at once), is divided by Σw and cast, then its bytes
+go to the open shard. Peak memory is one accumulator plus one input tensor, whatever the count.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from lmctk.errors import ConfigError, NonFiniteError
+from lmctk.io import stream_hf_dir
+from lmctk.io.header import corrupt
+from lmctk.io.layout import locate
+from lmctk.io.torchfile import load_torch_state
+from lmctk.soup.plan import TOKENIZER_FILES, Ingredient, SoupPlan
+
+SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
+
+
+class TensorReader:
+    """Reads one tensor at a time from a checkpoint; safetensors files are opened per read and closed.
+
+    Closing after each read unmaps the file, so pages read from earlier tensors do not stay resident.
+    Torch files (.pt/.bin) have no random access: they are memory-mapped once and kept open.
+    Every tensor returned is the caller's own (never a view of a cached state), so it may be changed in place.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.layout = locate(path)
+        self.file_of = dict(self.layout.weight_map) if self.layout.index is not None else {}
+        self._torch: dict[str, torch.Tensor] | None = None
+
+    def get(self, name: str) -> torch.Tensor:
+        if not self.layout.is_safetensors:
+            if self._torch is None:
+                self._torch = load_torch_state(self.layout.files[0], mmap=True)[0]
+            return self._torch[name].clone()
+        file = self.file_of.get(name, self.layout.files[0])
+        try:
+            with safe_open(file, framework="pt") as f:
+                tensor = f.get_tensor(name)
+        except SafetensorError as exc:
+            raise corrupt(file, f"safetensors cannot read {name} ({exc})") from exc
+        return tensor
+
+    def where(self, name: str) -> Path:
+        """The file that holds tensor `name`."""
+        return self.file_of.get(name, self.layout.files[0])
+
+
+def soup_tensor(name: str, readers: Sequence[TensorReader], weights: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
+    """Σ wᵢθᵢ[name] / Σ wᵢ in fp32, reading one input at a time; non-float tensors must agree and are copied."""
+    acc: torch.Tensor | None = None
+    for reader, weight in zip(readers, weights):
+        tensor = reader.get(name)
+        if not tensor.is_floating_point():
+            if acc is None:
+                acc = tensor
+            elif not torch.equal(acc, tensor):
+                raise ConfigError(f"{name}: non-float tensor differs between ingredients; they cannot be averaged")
+            continue
+        if acc is None:
+            acc = tensor.float()  # the reader's tensor is ours: fp32 inputs become the accumulator, no copy
+            if weight != 1.0:
+                acc.mul_(weight)
+        else:
+            acc.add_(tensor, alpha=weight)
+        del tensor
+    assert acc is not None
+    if acc.is_floating_point():
+        acc.div_(sum(weights))
+        if not bool(torch.isfinite(acc).all()):  # NaN/Inf in an input survive the sum: find it
+            _raise_non_finite(name, readers)
+    return acc.to(dtype)
+
+
+def _raise_non_finite(name: str, readers: Sequence[TensorReader]) -> None:
+    for reader in readers:
+        tensor = reader.get(name).float()
+        n_bad = tensor.numel() - int(torch.isfinite(tensor).sum())
+        if n_bad:
+            raise NonFiniteError(reader.where(name), name, n_bad)
+    raise ConfigError(f"{name}: the fp32 sum overflows to Inf although every input is finite; rescale the inputs")
+
+
+def write_soup(
+    plan: SoupPlan,
+    out_dir: str | Path,
+    *,
+    selected: Sequence[int] | None = None,
+    card: str | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Path:
+    """Stream the soup of `plan` (only the `selected` ingredients, uniformly, if given) into `out_dir`."""
+    if selected is None:  # raw weights (1.0 for uniform), so a uniform soup is exactly (θ₁+…+θₙ)/n
+        chosen = [(ing, ing.weight) for ing in plan.ingredients]
+    else:
+        chosen = [(plan.ingredients[i], 1.0) for i in selected]
+    chosen = [(ing, w) for ing, w in chosen if w > 0]
+    readers = [TensorReader(ing.path) for ing, _ in chosen]
+    weights = [w for _, w in chosen]
+    dtypes = {slot.name: slot.dtype for slot in plan.slots}
+
+    def produce(name: str) -> torch.Tensor:
+        return soup_tensor(name, readers, weights, dtypes[name])
+
+    files = side_files(plan)
+    if card is not None:
+        files["README.md"] = card.encode("utf-8")
+    return stream_hf_dir(
+        out_dir, plan.slots, produce, shard_size=plan.shard_size, files=files,
+        metadata={"lmctk": f"{plan.method} soup"}, overwrite=overwrite, resume=resume, progress=progress,
+    )
+
+
+def side_files(plan: SoupPlan) -> dict[str, bytes]:
+    """config.json (dtype updated), generation config and tokenizer files of the tokenizer source."""
+    if plan.tokenizer_source is None:
+        return {}
+    source: Ingredient = plan.ingredients[plan.tokenizer_source]
+    config_dir = plan.ingredients[0].dir or source.dir
+    files: dict[str, bytes] = {}
+    for name in SIDE_FILES:
+        origin = config_dir if name in ("config.json", "generation_config.json") else source.dir
+        if origin is not None and (origin / name).is_file():
+            files[name] = (origin / name).read_bytes()
+    if "config.json" in files:
+        files["config.json"] = _with_dtype(files["config.json"], plan)
+    return files
+
+
+def _with_dtype(raw: bytes, plan: SoupPlan) -> bytes:
+    config = json.loads(raw)
+    float_dtypes = {str(s.dtype).removeprefix("torch.") for s in plan.slots if s.dtype.is_floating_point}
+    if len(float_dtypes) == 1:
+        dtype = float_dtypes.pop()
+        keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["dtype"]
+        config.update(dict.fromkeys(keys, dtype))
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def model_card(plan: SoupPlan, recipe_toml: str, table: str | None = None, kept: Sequence[int] | None = None) -> str:
+    """The output's README.md: what was souped and how (the recipe) and the results table.
+
+    `kept`: the ingredients a greedy soup kept (averaged uniformly); the others get weight 0.
+    """
+    weights = plan.weights if kept is None else [1 / len(kept) if i in kept else 0.0 for i in range(len(plan.ingredients))]
+    lines = [
+        "---", "library_name: transformers", "tags: [lmctk, model-soup, merge]", "---", "",
+        f"# {plan.method.capitalize()} soup of {len(plan.ingredients)} checkpoints", "",
+        "Made with `lmctk soup` (weights averaged in fp32, tensor by tensor).", "",
+        "## Ingredients", "", "| # | checkpoint | weight |", "|---|---|---|",
+    ]
+    for n, (ing, w) in enumerate(zip(plan.ingredients, weights), start=1):
+        lines.append(f"| {n} | `{ing.path}` | {w:.4f} |")
+    if table:
+        lines += ["", "## Results", "", table]
+    lines += ["", "## Recipe", "", "```toml", recipe_toml.rstrip(), "```", ""]
+    return "\n".join(lines)
