@@ -117,7 +117,7 @@ def soup_files(
         _align_spec(Path(spec.align_to))  # fails early (and in dry runs) for an architecture without a spec
     if dry_run:
         if recipe.task is not None:  # an unknown task or option is a problem a dry run must catch
-            from lmctk.soup.evaluate import resolve_task
+            from lmctk.loading import resolve_task
 
             resolve_task(recipe.task.name, recipe.task.options, paths)
         return SoupResult(plan, out, list(range(len(paths))), dry_run=True)
@@ -151,13 +151,14 @@ def soup_files(
 
 
 def _task_from_runs(paths: list[Path]):
-    from lmctk.soup.evaluate import task_of
+    from lmctk.loading import task_of
 
     return task_of(paths[0])
 
 
 def _scorer(recipe: SoupRecipe, paths: list[Path]):
-    from lmctk.soup.evaluate import Scorer, resolve_task
+    from lmctk.loading import resolve_task
+    from lmctk.soup.evaluate import Scorer
 
     task_spec = recipe.task
     task = resolve_task(task_spec.name if task_spec else None, task_spec.options if task_spec else None, paths)
@@ -174,7 +175,7 @@ def _loader(path: Path, align):
 
 def _align_spec(reference: Path):
     """The permutation spec of the reference checkpoint's architecture (from its config, no weights read)."""
-    from lmctk.soup.evaluate import model_config_of
+    from lmctk.loading import model_config_of
     from lmctk.spec import spec_for
 
     return spec_for(model_config_of(reference))

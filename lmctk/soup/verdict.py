@@ -20,7 +20,9 @@ import torch
 from lmctk.errors import ConfigError
 from lmctk.io import assert_same_shapes, load_state
 from lmctk.soup.core import GreedyResult, greedy_soup, uniform_soup
-from lmctk.soup.evaluate import Scorer, resolve_task
+from lmctk.interp import alpha_grid, barriers, lerp
+from lmctk.loading import resolve_task
+from lmctk.soup.evaluate import Scorer
 
 SHARED_INIT_COSINE = 0.5  # weight cosine below which two checkpoints are taken to come from different inits
 State = Mapping[str, torch.Tensor]
@@ -155,17 +157,15 @@ def _floats(state: State) -> list[str]:
     return [k for k, v in state.items() if v.is_floating_point()]
 
 
-def _lerp(a: State, b: State, alpha: float) -> dict[str, torch.Tensor]:
-    return {k: torch.lerp(a[k], b[k], alpha) if a[k].is_floating_point() else a[k] for k in a}
-
-
 def _barrier(scorer: Scorer, a: State, b: State, loss_a: float, loss_b: float, points: int | None) -> dict[str, float]:
-    """Mean-endpoint loss barrier on val: at α=½, and with `points` the max over an α grid."""
+    """Mean-endpoint loss barrier on val: at α=½, and with `points` over the whole α grid."""
     mean = 0.5 * (loss_a + loss_b)
-    out = {"midpoint": scorer.metrics(_lerp(a, b, 0.5), scorer.split)["loss"] - mean}
+    out = {"midpoint": scorer.metrics(lerp(a, b, 0.5), scorer.split)["loss"] - mean}
     if points:
-        inner = [i / (points - 1) for i in range(1, points - 1)]
-        out["max"] = max([0.0, out["midpoint"], *(scorer.metrics(_lerp(a, b, x), scorer.split)["loss"] - mean for x in inner)])
+        alphas = alpha_grid(points)
+        inner = [scorer.metrics(lerp(a, b, x), scorer.split)["loss"] for x in alphas[1:-1]]
+        curve = [loss_a, *inner, loss_b]
+        out["max"] = max(out["midpoint"], barriers(alphas, curve)["mean_endpoint"])
     return out
 
 

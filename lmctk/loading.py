@@ -1,0 +1,102 @@
+"""From a checkpoint path to what runs it: its run dir, the task it was trained on, a model skeleton
+and the description a permutation spec is built from.
+
+A path may be an lmctk run dir (its latest checkpoint), a checkpoint dir inside a run, or a Hugging
+Face model dir with a `config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmctk.errors import ConfigError
+from lmctk.io import load_state, resolve_checkpoint
+from lmctk.tasks import Task, get_task
+
+
+def run_dir_of(path: str | Path) -> Path | None:
+    """The lmctk run dir that `path` is (or whose checkpoint dir it is), else None."""
+    path = Path(path)
+    for candidate in (path, path.parent.parent):
+        if (candidate / "manifest.json").is_file() and (candidate / "checkpoints").is_dir():
+            return candidate
+    return None
+
+
+def task_of(path: str | Path) -> tuple[str, dict[str, Any]] | None:
+    """The (task name, options) a run dir was trained on, or None for other checkpoints."""
+    run = run_dir_of(path)
+    if run is None:
+        return None
+    task = json.loads((run / "manifest.json").read_text())["config"]
+    return task["task"], task.get("task_options") or {}
+
+
+def model_config_of(path: str | Path) -> Any:
+    """What `lmctk.spec.spec_for` accepts for this checkpoint: a run's model config or an HF config dict."""
+    run = run_dir_of(path)
+    if run is not None:
+        return json.loads((run / "manifest.json").read_text())["model"]
+    config = resolve_checkpoint(path) / "config.json"
+    if not config.is_file():
+        raise ConfigError(f"{path}: no config.json and not an lmctk run dir; cannot tell its architecture")
+    return json.loads(config.read_text())
+
+
+def skeleton(path: str | Path, task: Task | None = None) -> nn.Module:
+    """A model with the architecture of the checkpoint at `path` (weights to be loaded by the caller).
+
+    For an HF dir whose config names no architecture, the task's kind picks the LM head (causal by default).
+    """
+    run = run_dir_of(path)
+    if run is not None:
+        from lmctk.train import TrainConfig, init_model
+
+        config = TrainConfig.from_dict(json.loads((run / "manifest.json").read_text())["config"])
+        return init_model(config, task)
+    config_file = resolve_checkpoint(path) / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(
+            f"{path}: cannot rebuild a model to evaluate (no config.json, not an lmctk run dir); "
+            "give run dirs or Hugging Face model dirs"
+        )
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(config_file.parent)
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls(config)
+    kind = task.kind if task is not None else "causal_lm"
+    auto = {"causal_lm": transformers.AutoModelForCausalLM, "masked_lm": transformers.AutoModelForMaskedLM}
+    if kind not in auto:
+        raise ConfigError(f"{path}: config.json names no architecture for a {kind} task; add 'architectures'")
+    return auto[kind].from_config(config)
+
+
+def resolve_task(task: str | Task | None, options: Mapping[str, Any] | None, paths: Sequence[str | Path]) -> Task:
+    """The task to score on: given by name (or object), else the task the first run dir was trained on."""
+    if task is not None and not isinstance(task, str):
+        return task
+    if task is None:
+        found = task_of(paths[0]) if paths else None
+        if found is None:
+            raise ConfigError("--task: needed to score these checkpoints (they are not lmctk run dirs); e.g. --task text")
+        task, options = found[0], {**found[1], **(options or {})}
+    return get_task(task, **dict(options or {}))
+
+
+def load_model_state(path: str | Path, task: Task | None = None) -> tuple[nn.Module, dict[str, torch.Tensor], Task | None]:
+    """(model skeleton, its state at `path`, the run's task or None) for any checkpoint path."""
+    found = task_of(path)
+    task = task or (get_task(found[0], **found[1]) if found else None)
+    model = skeleton(path, task)
+    state = load_state(path)
+    model.load_state_dict(state)
+    return model, state, task

@@ -1,0 +1,167 @@
+"""Rendering helpers shared by commands: terminal line charts (rich) and PNG line plots (matplotlib).
+
+Rendering never computes: these take finished numbers. PNGs are written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from rich.text import Text
+
+from lmctk.errors import ConfigError, OutputExistsError
+from lmctk.io import atomic_write_bytes
+
+MARKERS = ("●", "○", "▲", "△", "■", "□")
+COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "red")
+
+
+def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+    for i in range(1, len(xs)):
+        if x <= xs[i] or i == len(xs) - 1:
+            x0, x1 = xs[i - 1], xs[i]
+            t = 0.0 if x1 == x0 else min(max((x - x0) / (x1 - x0), 0.0), 1.0)
+            return ys[i - 1] + t * (ys[i] - ys[i - 1])
+    return ys[0]
+
+
+def terminal_curve(
+    xs: Sequence[float],
+    series: Mapping[str, Sequence[float]],
+    *,
+    width: int = 60,
+    height: int = 12,
+    title: str | None = None,
+    xlabel: str = "",
+) -> Text:
+    """A line chart of one or more series over shared xs, drawn with characters (one marker per series)."""
+    if not series or len(xs) < 2:
+        raise ConfigError("terminal_curve needs at least one series and two x values")
+    finite = [y for ys in series.values() for y in ys if math.isfinite(y)]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    grid = [[(" ", None)] * width for _ in range(height)]
+    x0, x1 = xs[0], xs[-1]
+    for s, (label, ys) in enumerate(series.items()):
+        mark, colour = MARKERS[s % len(MARKERS)], COLOURS[s % len(COLOURS)]
+        for col in range(width):
+            y = _interp(xs, ys, x0 + (x1 - x0) * col / (width - 1))
+            if math.isfinite(y):
+                row = round((hi - y) / (hi - lo) * (height - 1))
+                grid[row][col] = (mark, colour)
+    label_w = max(len(f"{hi:.4g}"), len(f"{lo:.4g}"))
+    out = Text()
+    if title:
+        out.append(title + "\n", style="bold")
+    for r, cells in enumerate(grid):
+        tick = f"{hi:.4g}" if r == 0 else f"{lo:.4g}" if r == height - 1 else ""
+        out.append(f"{tick:>{label_w}} ┤")
+        for mark, colour in cells:
+            out.append(mark, style=colour)
+        out.append("\n")
+    out.append(" " * label_w + " └" + "─" * width + "\n")
+    left, right = f"{x0:g}", f"{x1:g}"
+    out.append(" " * (label_w + 2) + left + xlabel.center(width - len(left) - len(right)) + right + "\n")
+    for s, label in enumerate(series):
+        out.append(f"  {MARKERS[s % len(MARKERS)]} {label}", style=COLOURS[s % len(COLOURS)])
+    return out
+
+
+def line_plot(
+    path: str | Path,
+    xs: Sequence[float],
+    panels: Mapping[str, Mapping[str, Sequence[float]]],
+    *,
+    xlabel: str = "",
+    title: str | None = None,
+    overwrite: bool = False,
+    xscale: str = "linear",
+    spans: Sequence[tuple[float, float, str]] = (),
+    bands: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+) -> Path:
+    """A PNG with one subplot per panel (panel name = y label), each holding labelled lines over xs.
+
+    `xscale` is a matplotlib scale ("linear", "log", "symlog"); `spans` shades labelled x ranges
+    (e.g. phases) on every panel; `bands` fills (low, high) around the series of the same label.
+    Refuses to replace an existing file unless `overwrite`; needs matplotlib (the `plot` extra).
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(path)
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, (ylabel, series) in zip(axes[0], panels.items()):
+        for i, (x0, x1, label) in enumerate(spans):
+            ax.axvspan(x0, x1, color=f"C{(i + 4) % 10}", alpha=0.12, label=label, lw=0)
+        for label, ys in series.items():
+            line, = ax.plot(xs, ys, marker="o", markersize=3, label=label)
+            if bands and label in bands:
+                ax.fill_between(xs, bands[label][0], bands[label][1], color=line.get_color(), alpha=0.25, lw=0)
+        ax.set_xscale(xscale)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def heatmap_plot(
+    path: str | Path,
+    xs: Sequence[float],
+    panels: Mapping[str, tuple[Sequence[str], Sequence[Sequence[float]]]],
+    *,
+    xlabel: str = "",
+    title: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """A PNG with one heatmap per panel: `panels[name] = (row labels, rows of values over xs)`.
+
+    Columns are the xs in order (labelled by value, so uneven steps stay readable); shared colour scale
+    per panel with a colour bar. Refuses to replace an existing file unless `overwrite`.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(path)
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(5.0, 0.35 * len(xs) + 2) * len(panels) / 1.5, 3.8),
+                             squeeze=False)
+    ticks = list(range(len(xs)))
+    every = max(1, len(xs) // 10)
+    for ax, (name, (rows, values)) in zip(axes[0], panels.items()):
+        image = ax.imshow(values, aspect="auto", origin="lower", interpolation="nearest", cmap="viridis")
+        ax.set_yticks(range(len(rows)), rows)
+        ax.set_xticks(ticks[::every], [f"{x:g}" for x in xs][::every], rotation=45)
+        ax.set_xlabel(xlabel)
+        ax.set_title(name)
+        fig.colorbar(image, ax=ax)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("plots need matplotlib; pip install 'lmctk[plot]'") from None
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path

@@ -1,0 +1,188 @@
+"""Weight and activation matching: a permuted copy is recovered exactly; trained models get closer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from lmctk.align import activation_matching, apply, independent_rounds, weight_matching
+from lmctk.errors import KeyMismatchError
+from lmctk.io import LazyState, save_state
+from lmctk.models import build_model
+from lmctk.spec import invert, permute_state, random_perms, spec_for
+from lmctk.tasks import get_task
+from lmctk.train import TrainConfig, fit, load_run_model
+
+DIGITS = get_task("digits")
+TEXT = get_task("text", seq_len=16)
+
+MODELS = {
+    "mlp": lambda: build_model("mlp", DIGITS, widths=[48, 32, 24]),
+    "cnn": lambda: build_model("cnn", DIGITS, channels=[8, 16], norm="batchnorm"),
+    "resnet20-bn": lambda: build_model("resnet20", DIGITS, norm="batchnorm"),
+    "resnet20-ln": lambda: build_model("resnet20", DIGITS, norm="layernorm"),
+    "gpt2": lambda: build_model("gpt2", TEXT, layers=2, hidden=32, heads=4),
+    "gpt_neox": lambda: build_model("gpt_neox", TEXT, layers=2, hidden=32, heads=4),
+    "llama-gqa": lambda: build_model("llama", TEXT, layers=2, hidden=32, heads=4, kv_heads=2),
+    "qwen2": lambda: build_model("qwen2", TEXT, layers=1, hidden=32, heads=4, kv_heads=2),
+}
+
+
+def distance(a, b) -> float:
+    return sum(float(((a[k].float() - b[k].float()) ** 2).sum()) for k in a) ** 0.5
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_weight_matching_recovers_a_randomly_permuted_copy(name):
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    spec = spec_for(model)
+    a = model.state_dict()
+    perms = random_perms(spec, torch.Generator().manual_seed(1))
+    b = permute_state(a, spec, perms)
+    result = weight_matching(spec, a, b)
+    aligned = apply(spec, b, result)
+    for key in a:
+        assert torch.equal(aligned[key], a[key]), key
+    assert all(torch.equal(result.perms[g], invert(perms)[g]) for g in spec.groups)
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet20-bn", "gpt2"])
+def test_activation_matching_recovers_a_randomly_permuted_copy(name):
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    spec = spec_for(model)
+    a = model.state_dict()
+    perms = random_perms(spec, torch.Generator().manual_seed(2))
+    b = permute_state(a, spec, perms)
+    result = activation_matching(model, spec, a, b, TEXT if name == "gpt2" else DIGITS, max_batches=2)
+    assert result.method == "activation_matching"
+    aligned = apply(spec, b, result)
+    for key in a:
+        assert torch.allclose(aligned[key], a[key]), key
+
+
+def test_aligned_model_computes_the_same_function():
+    torch.manual_seed(0)
+    model = MODELS["llama-gqa"]()
+    spec = spec_for(model)
+    other = MODELS["llama-gqa"]()
+    a, b = model.state_dict(), other.state_dict()
+    aligned = apply(spec, b, weight_matching(spec, a, b))
+    ids = torch.randint(256, (2, 10))
+    with torch.no_grad():
+        before = functional_call(other, b, kwargs={"input_ids": ids}).logits
+        after = functional_call(other, aligned, kwargs={"input_ids": ids}).logits
+    assert torch.allclose(before, after, atol=1e-5, rtol=1e-5)
+
+
+def test_objective_trace_is_monotone_and_stops_on_no_improvement():
+    torch.manual_seed(0)
+    a = MODELS["mlp"]().state_dict()
+    b = MODELS["mlp"]().state_dict()
+    result = weight_matching(spec_for(MODELS["mlp"]()), a, b, seed=3)
+    trace = result.objective
+    assert all(y >= x - 1e-9 for x, y in zip(trace, trace[1:]))
+    assert trace[-1] > trace[0]
+    assert trace[-1] == pytest.approx(trace[-2], rel=1e-9)  # stopped after a sweep without improvement
+
+
+def test_sweep_order_is_seeded():
+    torch.manual_seed(0)
+    model = MODELS["resnet20-bn"]()
+    spec = spec_for(model)
+    a, b = model.state_dict(), MODELS["resnet20-bn"]().state_dict()
+    r1, r2 = weight_matching(spec, a, b, seed=7), weight_matching(spec, a, b, seed=7)
+    assert all(torch.equal(r1.perms[g], r2.perms[g]) for g in spec.groups)
+    assert r1.objective == r2.objective
+
+
+def test_rounds_never_batch_groups_that_share_a_tensor():
+    spec = spec_for(MODELS["gpt2"]())
+    nbrs = spec.neighbours()
+    rounds = independent_rounds(spec, sorted(spec.groups))
+    assert sum(len(r) for r in rounds) == len(spec.groups)
+    assert any(len(r) > 1 for r in rounds)  # some groups are solved together
+    for r in rounds:
+        assert all(not (nbrs[g] & set(r)) for g in r)
+
+
+def test_bf16_states_align_with_fp32_accumulation():
+    torch.manual_seed(0)
+    model = MODELS["mlp"]()
+    spec = spec_for(model)
+    a = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    perms = random_perms(spec, torch.Generator().manual_seed(4))
+    b = permute_state(a, spec, perms)
+    aligned = apply(spec, b, weight_matching(spec, a, b))
+    assert all(torch.equal(aligned[k], a[k]) for k in a)
+
+
+def test_streaming_from_safetensors_equals_in_memory(tmp_path):
+    torch.manual_seed(0)
+    model = MODELS["gpt2"]()
+    spec = spec_for(model)
+    a, b = model.state_dict(), MODELS["gpt2"]().state_dict()
+    save_state(a, tmp_path / "a.safetensors")
+    save_state(b, tmp_path / "b.safetensors")
+    lazy = weight_matching(spec, LazyState(tmp_path / "a.safetensors"), LazyState(tmp_path / "b.safetensors"))
+    eager = weight_matching(spec, a, b)
+    assert all(torch.equal(lazy.perms[g], eager.perms[g]) for g in spec.groups)
+
+
+def test_mismatched_states_are_refused():
+    a = MODELS["mlp"]().state_dict()
+    b = dict(a)
+    b.pop("out.bias")
+    with pytest.raises(KeyMismatchError, match="out.bias"):
+        weight_matching(spec_for(MODELS["mlp"]()), a, b)
+
+
+@pytest.mark.slow
+def test_alignment_brings_independently_trained_mlps_closer(tmp_path):
+    for seed in (0, 1):
+        fit(TrainConfig(task="digits", model="mlp", seed=seed, steps=150), tmp_path / f"s{seed}")
+    model, task, _ = load_run_model(tmp_path / "s0")
+    other, _, _ = load_run_model(tmp_path / "s1")
+    spec = spec_for(model)
+    a, b = model.state_dict(), other.state_dict()
+    wm = apply(spec, b, weight_matching(spec, a, b))
+    am = apply(spec, b, activation_matching(model, spec, a, b, task))
+    assert distance(a, wm) < 0.9 * distance(a, b)
+    assert distance(a, am) < 0.95 * distance(a, b)
+
+
+@pytest.mark.slow
+def test_align_cli_writes_an_aligned_model_that_loads_and_matches_streaming(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    for seed in (0, 1):
+        fit(TrainConfig(task="digits", model="mlp", seed=seed, steps=20), tmp_path / f"s{seed}")
+
+    def lmctk(*args):
+        return subprocess.run([sys.executable, "-m", "lmctk", *map(str, args)], capture_output=True, text=True)
+
+    proc = lmctk("align", tmp_path / "s0", tmp_path / "s1", "--out", tmp_path / "al", "--json", tmp_path / "al.json")
+    assert proc.returncode == 0, proc.stderr
+    assert "same function" in proc.stdout
+    report = json.loads((tmp_path / "al.json").read_text())
+    assert report["distance"]["after"]["l2"] < report["distance"]["before"]["l2"]
+    assert report["function_check"] < 1e-5
+    model, _, _ = load_run_model(tmp_path / "s1")
+    spec = spec_for(model)
+    perms = {g: torch.tensor(p) for g, p in report["perms"].items()}
+    expected = apply(spec, model.state_dict(), perms)
+    written = LazyState(tmp_path / "al")
+    assert all(torch.equal(written[k], expected[k]) for k in expected)
+
+    streamed = lmctk("align", tmp_path / "s0", tmp_path / "s1", "--stream", "--json", tmp_path / "st.json")
+    assert streamed.returncode == 0, streamed.stderr
+    assert json.loads((tmp_path / "st.json").read_text())["perms"] == report["perms"]
+
+    again = lmctk("align", tmp_path / "s0", tmp_path / "s1", "--out", tmp_path / "al")
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    bad = lmctk("align", tmp_path / "s0", tmp_path / "s1", "--method", "magic")
+    assert bad.returncode == 2 and "--method" in bad.stderr
