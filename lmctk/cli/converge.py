@@ -1,0 +1,69 @@
+"""`lmctk converge`: how runs that differ only in their seed converge and diverge over training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lmctk.cli.app import app, console, parse_options, write_json
+from lmctk.errors import ConfigError, OutputExistsError
+
+
+@app.command()
+def converge(
+    runs: Optional[list[Path]] = typer.Argument(None, help="K >= 2 run dirs (lmctk runs or dirs of step<N>/ HF dirs)."),
+    task: Optional[str] = typer.Option(None, help="Task the runs were trained on (default: the first run's manifest)."),
+    task_opt: list[str] = typer.Option([], "--task-opt", help="Task option key=value (repeatable)."),
+    steps: Optional[str] = typer.Option(None, help="Analyse only these common steps, e.g. 0,10,100."),
+    classes: Optional[Path] = typer.Option(None, help="Token classes: JSON {token: class} or token<TAB>class lines."),
+    probe: int = typer.Option(16, help="Probe examples (windows) for fingerprints and CKA."),
+    batch_size: int = typer.Option(16, help="Eval examples per forward of the K stacked models."),
+    regimes: str = typer.Option("fingerprint", help="Seed regimes from: fingerprint (centred cosine) or cka."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N."),
+    no_vmap: bool = typer.Option(False, "--no-vmap", help="Evaluate the seeds one at a time instead of stacked."),
+    recipe: Optional[Path] = typer.Option(None, help="Train the recipe's seeds into --out first, then analyse them."),
+    out: Optional[Path] = typer.Option(None, "--out", help="With --recipe: dir for the seed runs (and default plots)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
+    plot: Optional[Path] = typer.Option(None, help="Write convergence.png and fingerprint.png into this dir."),
+    overwrite: bool = typer.Option(False, help="Replace an existing --json file and plots."),
+    retrain: bool = typer.Option(False, help="With --recipe: train the seeds afresh instead of reusing finished runs."),
+) -> None:
+    """Seed convergence: expected per-token KL, fingerprints, CKA and loss spread per step; phases."""
+    from lmctk.converge import converge as analyse
+    from lmctk.converge import load_converge_recipe, plot as write_plots, train_seeds
+    from lmctk.train import parse_steps
+
+    options = parse_options(task_opt, "--task-opt")
+    class_file = classes
+    if recipe is not None:
+        if runs:
+            raise ConfigError("--recipe trains its own seeds; give either run dirs or --recipe")
+        if out is None:
+            raise ConfigError("--recipe needs --out DIR for the seed runs")
+        plot = plot or out / "plots"
+    for path in [json_out] + ([plot / "convergence.png", plot / "fingerprint.png"] if plot else []):
+        if path is not None and path.exists() and not overwrite:  # refuse before the work, not after
+            raise OutputExistsError(path)
+    if recipe is not None:
+        spec = load_converge_recipe(recipe)
+        with console.status("training seeds") as status:
+            runs = train_seeds(spec, out, overwrite=retrain,
+                               progress=lambda n, total: status.update(f"trained seed {n}/{total}"))
+        probe, batch_size, regimes = spec.converge.probe, spec.converge.batch_size, spec.converge.regimes
+        class_file = class_file or (Path(spec.converge.classes) if spec.converge.classes else None)
+    if not runs or len(runs) < 2:
+        raise ConfigError("converge needs at least 2 run dirs (or --recipe FILE --out DIR)")
+    with console.status("evaluating seeds") as status:
+        result = analyse(
+            runs, task, task_options=options, steps=parse_steps(steps) if steps else None, classes=class_file,
+            probe=probe, batch_size=batch_size, device=device, batched=not no_vmap, regimes_from=regimes,
+            progress=lambda n, total: status.update(f"evaluated step {n}/{total}"),
+        )
+    console.print(result)
+    if plot is not None:
+        for path in write_plots(result, plot, overwrite=overwrite):
+            console.print(f"wrote {path}", highlight=False)
+    if json_out is not None:
+        write_json(json_out, result.to_dict(), overwrite)

@@ -1,0 +1,257 @@
+"""Small pure metrics on tensors: CKA, seed-convergence KL, activation fingerprints, loss CV.
+
+Every function takes tensors and returns tensors or floats; nothing here loads models or prints.
+Formulas are those of `DESIGN.md` (debiased linear CKA after Kornblith et al.; expected per-token
+KL convergence after Fehlauer et al.).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lmctk.errors import ConfigError
+
+__all__ = [
+    "angular_cka",
+    "clustered_mean",
+    "ensemble_diversity",
+    "expected_kl",
+    "fingerprint_cosine",
+    "frequency_buckets",
+    "linear_cka",
+    "loss_spread",
+    "mean_over_pairs",
+    "pair_matrix",
+    "pairwise_kl",
+    "stratified_means",
+    "surprisal_bins",
+]
+
+
+def _as_matrix(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Flatten everything but the first (example) axis and promote to float64."""
+    if x.dim() < 2:
+        raise ConfigError(f"{name}: expected an (n, features...) tensor, got shape {tuple(x.shape)}")
+    return x.reshape(x.shape[0], -1).to(torch.float64)
+
+
+def _cross_sq(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """‖YᵀX‖²_F, through whichever of the feature or the example space is smaller."""
+    n = x.shape[0]
+    if x.shape[1] * y.shape[1] <= n * n:
+        return (y.T @ x).square().sum()
+    return ((x @ x.T) * (y @ y.T)).sum()
+
+
+def _hsic_debiased(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """h(X,Y) of DESIGN.md on column-centred X, Y (proportional to the unbiased HSIC)."""
+    n = x.shape[0]
+    r_x, r_y = x.square().sum(1), y.square().sum(1)
+    return (
+        _cross_sq(x, y)
+        - n / (n - 2) * (r_x @ r_y)
+        + r_x.sum() * r_y.sum() / ((n - 1) * (n - 2))
+    )
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor, debiased: bool = True) -> float:
+    """Linear CKA between representations X (n, ...) and Y (n, ...) of the same n examples.
+
+    Debiased (default): h(X,Y)/√(h(X,X)h(Y,Y)) with DESIGN.md's h, valid for n >= 4. Biased:
+    ‖YᵀX‖²_F/(‖XᵀX‖_F‖YᵀY‖_F). Returns NaN when a representation is constant or, for tiny n,
+    the debiased self-similarity is not positive. Computed in float64.
+    """
+    xm, ym = _as_matrix(x, "X"), _as_matrix(y, "Y")
+    n = xm.shape[0]
+    if ym.shape[0] != n:
+        raise ConfigError(f"CKA needs the same examples in X and Y: got {n} and {ym.shape[0]} rows")
+    if debiased and n < 4:
+        raise ConfigError(f"debiased CKA needs at least 4 examples, got {n}; use a larger probe batch")
+    if not debiased and n < 2:
+        raise ConfigError(f"CKA needs at least 2 examples, got {n}")
+    xm = xm - xm.mean(0, keepdim=True)
+    ym = ym - ym.mean(0, keepdim=True)
+    if debiased:
+        hxy, hxx, hyy = _hsic_debiased(xm, ym), _hsic_debiased(xm, xm), _hsic_debiased(ym, ym)
+    else:
+        hxy, hxx, hyy = _cross_sq(xm, ym), _cross_sq(xm, xm), _cross_sq(ym, ym)
+    denom = hxx * hyy
+    if not bool(denom > 0):
+        return math.nan
+    return float(hxy / denom.sqrt())
+
+
+def angular_cka(x: torch.Tensor, y: torch.Tensor, debiased: bool = True) -> float:
+    """Angular CKA distance arccos(CKA) in radians (0 = identical up to rotation and scale).
+
+    CKA is clamped to [-1, 1] first: the debiased estimate can leave it by rounding.
+    """
+    c = linear_cka(x, y, debiased=debiased)
+    if math.isnan(c):
+        return math.nan
+    return math.acos(max(-1.0, min(1.0, c)))
+
+
+# -- seed convergence: expected per-token KL ----------------------------------------------------
+
+
+def pairwise_kl(logp: torch.Tensor) -> torch.Tensor:
+    """KL(p_i ‖ p_j) per token for every ordered seed pair: logp [K, N, V] -> [K, K, N] (fp32).
+
+    Each pair is Σ_v p_i (log p_i − log p_j) computed directly, so identical seeds give exactly 0.
+    """
+    if logp.dim() != 3:
+        raise ConfigError(f"pairwise_kl expects log-probs [seeds, tokens, vocab], got shape {tuple(logp.shape)}")
+    logp = logp.float()
+    k = logp.shape[0]
+    p = logp.exp()
+    out = logp.new_zeros(k, k, logp.shape[1])
+    for i in range(k):
+        for j in range(k):
+            if i != j:
+                out[i, j] = (p[i] * (logp[i] - logp[j])).sum(-1)
+    return out
+
+
+def expected_kl(logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL averaged over all ordered seed pairs i≠j: logp [K, N, V] -> [N] (fp32).
+
+    Its mean over tokens is the expected per-token KL; convergence (Fehlauer et al.) is its negative.
+    """
+    k = logp.shape[0]
+    if k < 2:
+        raise ConfigError(f"seed convergence needs at least 2 seeds, got {k}")
+    return pairwise_kl(logp).sum((0, 1)) / (k * (k - 1))
+
+
+def clustered_mean(values: torch.Tensor, clusters: torch.Tensor) -> tuple[float, float]:
+    """Mean of `values` and its standard error with `clusters` (e.g. contexts) as the sampling unit.
+
+    Ratio estimator: mean = Σ s_c / Σ n_c, SE² = C/(C−1) Σ_c (s_c − mean·n_c)² / (Σ n_c)², so tokens
+    of one context are not counted as independent. NaN SE with fewer than 2 clusters.
+    """
+    values = values.double().reshape(-1)
+    n = values.numel()
+    if n == 0:
+        return math.nan, math.nan
+    _, idx = torch.unique(clusters.reshape(-1), return_inverse=True)
+    c = int(idx.max()) + 1
+    sums = torch.zeros(c, dtype=torch.float64).index_add_(0, idx, values)
+    counts = torch.zeros(c, dtype=torch.float64).index_add_(0, idx, torch.ones_like(values))
+    mean = float(sums.sum() / n)
+    if c < 2:
+        return mean, math.nan
+    se = math.sqrt(c / (c - 1) * float((sums - mean * counts).square().sum())) / n
+    return mean, se
+
+
+def stratified_means(
+    values: torch.Tensor, labels: torch.Tensor, clusters: torch.Tensor, names: list[str]
+) -> list[dict[str, float | int | str]]:
+    """Per-stratum count, mean and clustered SE; stratum s holds the tokens with `labels == s`.
+
+    Strata partition the tokens, so Σ count·mean / Σ count is the overall mean. Empty strata are
+    listed with count 0 and NaN mean, so tables keep their shape across steps.
+    """
+    out = []
+    for s, name in enumerate(names):
+        mask = labels == s
+        mean, se = clustered_mean(values[mask], clusters[mask]) if bool(mask.any()) else (math.nan, math.nan)
+        out.append({"stratum": name, "count": int(mask.sum()), "mean": mean, "se": se})
+    return out
+
+
+SURPRISAL_EDGES = (1.0, 2.0, 4.0, 8.0)
+SURPRISAL_BINS = ("0-1", "1-2", "2-4", "4-8", "8+")
+
+
+def surprisal_bins(surprisal: torch.Tensor) -> torch.Tensor:
+    """Bin index of each surprisal in nats: [0,1) 0, [1,2) 1, [2,4) 2, [4,8) 3, [8,∞) 4."""
+    edges = torch.tensor(SURPRISAL_EDGES, dtype=surprisal.dtype)
+    return torch.bucketize(surprisal, edges, right=True)
+
+
+def frequency_buckets(counts: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """Log-decade bucket of each count (0: unseen, 1: 1-9, 2: 10-99, …) and the bucket names.
+
+    Names cover every decade up to the largest count, so strata of different steps line up.
+    """
+    counts = counts.long()
+    powers = torch.tensor([10**d for d in range(19)], dtype=torch.long)  # exact, unlike log10
+    decade = (counts.unsqueeze(-1) >= powers).sum(-1)  # number of decimal digits, 0 for 0
+    top = int(decade.max()) if counts.numel() else 0
+    names = ["unseen"] + [f"{10 ** (d - 1)}-{10 ** d - 1}" for d in range(1, top + 1)]
+    return decade, names
+
+
+# -- activation fingerprints, loss spread --------------------------------------------------------
+
+
+def fingerprint_cosine(a: torch.Tensor, b: torch.Tensor, centred: bool = False) -> float:
+    """Cosine similarity of two seeds' activations (n, ...) on the same probe inputs, flattened.
+
+    `centred` first subtracts each feature's mean over the n probe rows (both seeds separately), so
+    a shared offset (e.g. a large common bias direction) does not count as agreement.
+    """
+    x, y = _as_matrix(a, "activations"), _as_matrix(b, "activations")
+    if x.shape != y.shape:
+        raise ConfigError(f"fingerprint: activation shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    if centred:
+        x, y = x - x.mean(0, keepdim=True), y - y.mean(0, keepdim=True)
+    denom = x.norm() * y.norm()
+    if not bool(denom > 0):
+        return math.nan
+    return float((x * y).sum() / denom)
+
+
+def mean_over_pairs(values: torch.Tensor) -> float:
+    """Mean of a symmetric [K, K] pair matrix over its off-diagonal entries i < j."""
+    k = values.shape[0]
+    i, j = torch.triu_indices(k, k, 1)
+    return float(values[i, j].double().mean())
+
+
+def pair_matrix(items: list[torch.Tensor], fn) -> torch.Tensor:
+    """Symmetric [K, K] matrix of fn(items[i], items[j]) (float64) with fn(x, x) on the diagonal."""
+    k = len(items)
+    out = torch.full((k, k), math.nan, dtype=torch.float64)
+    for i in range(k):
+        for j in range(i, k):
+            out[i, j] = out[j, i] = fn(items[i], items[j])
+    return out
+
+
+def loss_spread(losses: torch.Tensor) -> dict[str, float]:
+    """Mean, sample std (ddof=1) and coefficient of variation (std/mean) of per-seed losses."""
+    x = losses.double().reshape(-1)
+    mean = float(x.mean())
+    std = float(x.std(correction=1)) if x.numel() > 1 else 0.0
+    return {"mean": mean, "std": std, "cv": std / mean if mean != 0 else math.nan}
+
+
+def ensemble_diversity(logp: torch.Tensor, targets: torch.Tensor | None = None) -> list[dict[str, float]]:
+    """How much each additional seed adds: for k = 1..K, averaged over all k-subsets of seeds,
+    the mean KL of members to their mixture (generalised Jensen–Shannon, nats/token) and, with
+    `targets`, the mixture's NLL. `added` is the JSD gained over k−1 seeds.
+    """
+    from itertools import combinations
+
+    logp = logp.float()
+    k_all = logp.shape[0]
+    rows: list[dict[str, float]] = []
+    for k in range(1, k_all + 1):
+        jsd, nll, subsets = 0.0, 0.0, list(combinations(range(k_all), k))
+        for subset in subsets:
+            members = logp[list(subset)]
+            mix = torch.logsumexp(members, 0) - math.log(k)
+            jsd += float((members.exp() * (members - mix)).sum(-1).mean())
+            if targets is not None:
+                nll += float(-mix.gather(-1, targets.reshape(-1, 1)).mean())
+        row = {"seeds": k, "jsd": jsd / len(subsets)}
+        if targets is not None:
+            row["ensemble_loss"] = nll / len(subsets)
+        row["added"] = row["jsd"] - (rows[-1]["jsd"] if rows else 0.0)
+        rows.append(row)
+    return rows

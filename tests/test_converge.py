@@ -1,0 +1,247 @@
+"""`lmctk converge`: identical seeds agree exactly, strata partition, phases on synthetic curves, CLI."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmctk.cli import main
+from lmctk.converge import ConvergeRecipe, converge, load_converge_recipe
+from lmctk.errors import ConfigError
+from lmctk.phases import PHASES, detect_phases, seed_regimes
+from lmctk.train import TrainConfig, fit
+
+TASK_OPTIONS = {"seq_len": 16, "eval_windows": 8}
+STEPS = [0, 1, 3, 6]
+
+
+def _config(seed: int) -> TrainConfig:
+    return TrainConfig(task="text", task_options=TASK_OPTIONS, model="gpt_neox",
+                       model_options={"layers": 1, "hidden": 16, "heads": 2, "intermediate": 32},
+                       seed=seed, steps=6, batch_size=4, lr=1e-2, checkpoints=STEPS, eval_every=6)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("converge")
+    out = {"a": root / "a", "a_again": root / "a_again", "b": root / "b"}
+    for name, seed in (("a", 0), ("a_again", 0), ("b", 1)):
+        fit(_config(seed), out[name])
+    return out
+
+
+def _analyse(paths, **kw):
+    return converge([str(p) for p in paths], probe=4, batch_size=4, **kw)
+
+
+# -- identical seeds ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pair", [("a", "a"), ("a", "a_again")], ids=["same-dir-twice", "same-seed"])
+def test_identical_runs_give_kl_zero_fingerprint_one_cka_one(runs, pair):
+    result = _analyse([runs[pair[0]], runs[pair[1]]])
+    assert result.steps == STEPS
+    for s in result.per_step:
+        assert s.kl == 0.0
+        assert all(v == pytest.approx(1.0, abs=1e-6) for v in s.fingerprint_raw + s.fingerprint_centred)
+        assert all(v == pytest.approx(1.0, abs=1e-6) for v in s.cka)
+        assert s.loss["cv"] == pytest.approx(0.0, abs=1e-12)
+    assert len(result.layers) == 2  # embeddings + one block
+
+
+def test_different_seeds_disagree(runs):
+    result = _analyse([runs["a"], runs["b"], runs["a_again"]])
+    assert all(s.kl > 0 and s.kl_se > 0 for s in result.per_step)
+    pairs = torch.tensor(result.per_step[-1].kl_pairs)
+    assert pairs[0, 2] == 0 and pairs[2, 0] == 0 and pairs[0, 1] > 0  # a and a_again are the same model
+    assert float(pairs.sum()) / 6 == pytest.approx(result.per_step[-1].kl, rel=1e-5)
+    assert [r["seeds"] for r in result.diversity] == [1, 2, 3]
+
+
+def test_stacked_vmap_evaluation_equals_one_model_at_a_time(runs):
+    stacked = _analyse([runs["a"], runs["b"]])
+    looped = _analyse([runs["a"], runs["b"]], batched=False)
+    for s, t in zip(stacked.per_step, looped.per_step):
+        assert s.kl == pytest.approx(t.kl, rel=1e-4, abs=1e-7)
+        assert s.cka == pytest.approx(t.cka, rel=1e-4)
+        assert s.losses == pytest.approx(t.losses, rel=1e-5)
+
+
+def test_strata_means_weighted_by_count_give_the_overall_kl(runs, tmp_path):
+    classes = tmp_path / "classes.tsv"
+    classes.write_text("e\tvowel\na\tvowel\n \tspace\nid:10\tnewline\n")
+    result = _analyse([runs["a"], runs["b"]], classes=classes)
+    for s in result.per_step:
+        assert set(s.strata) == {"frequency", "surprisal", "classes"}
+        for kind, rows in s.strata.items():
+            total = sum(r["count"] for r in rows)
+            weighted = sum(r["count"] * r["mean"] for r in rows if r["count"]) / total
+            assert weighted == pytest.approx(s.kl, rel=1e-6), kind
+    names = [r["stratum"] for r in result.per_step[0].strata["classes"]]
+    assert names == ["other", "vowel", "space", "newline"]
+
+
+def test_missing_step_is_reported_not_guessed(runs, tmp_path):
+    partial = tmp_path / "b_partial"
+    shutil.copytree(runs["b"], partial)
+    shutil.rmtree(partial / "checkpoints" / "step00000003")
+    result = _analyse([runs["a"], partial])
+    assert result.steps == [0, 1, 6]
+    assert result.missing_steps == {str(partial): [3]}
+    with pytest.raises(ConfigError, match="step 3 is not in every run"):
+        _analyse([runs["a"], partial], steps=[3])
+
+
+def test_hf_step_dirs_are_read_like_a_suite(runs, tmp_path):
+    suites = []
+    for name in ("a", "b"):
+        suite = tmp_path / name
+        for step in (0, 6):
+            shutil.copytree(runs[name] / "checkpoints" / f"step{step:08d}", suite / f"step{step}")
+        suites.append(suite)
+    with pytest.raises(ConfigError, match="--task"):
+        _analyse(suites)
+    result = _analyse(suites, task="text", task_options=TASK_OPTIONS)
+    reference = _analyse([runs["a"], runs["b"]], steps=[0, 6])
+    assert result.steps == [0, 6]
+    assert [s.kl for s in result.per_step] == pytest.approx([s.kl for s in reference.per_step], rel=1e-6)
+
+
+def test_classifier_runs_use_block_hooks_for_layers(tmp_path):
+    paths = []
+    for seed in (0, 1):
+        config = TrainConfig(task="digits", model="mlp", model_options={"widths": [32, 32]}, seed=seed, steps=6,
+                             batch_size=32, checkpoints=[0, 6], eval_every=6)
+        paths.append(fit(config, tmp_path / f"mlp{seed}").run_dir)
+    same = _analyse([paths[0], paths[0]])
+    assert same.layers == ["hidden.0", "hidden.1"]
+    assert all(s.kl == 0.0 and s.cka == pytest.approx([1.0, 1.0]) for s in same.per_step)
+    stacked, looped = _analyse(paths), _analyse(paths, batched=False)
+    assert stacked.per_step[-1].kl > 0
+    assert stacked.per_step[-1].kl == pytest.approx(looped.per_step[-1].kl, rel=1e-5)
+    assert "frequency" not in stacked.per_step[0].strata  # digits has no token stream
+
+
+# -- phases and regimes on synthetic curves ----------------------------------------------------
+
+
+def _four_phase(x: float) -> float:
+    if x < 1.0:
+        return 1.0
+    if x < 2.0:
+        return 1.0 - 0.8 * (x - 1.0)
+    if x < 3.0:
+        return 0.2 + 1.5 * (x - 2.0)
+    return 1.7 - 0.3 * (x - 3.0)
+
+
+@pytest.mark.parametrize("noise_seed", [0, 1, 2])
+def test_phase_detector_recovers_known_boundaries_with_noise(noise_seed):
+    steps = sorted({0, *[round(10 ** (i / 8)) for i in range(33)]})  # 10^0 .. 10^4, 8 per decade
+    x = [math.log10(s + 1) for s in steps]
+    g = torch.Generator().manual_seed(noise_seed)
+    y = [_four_phase(v) + 0.03 * float(torch.randn(1, generator=g)) for v in x]
+    fit = detect_phases(steps, y)
+    assert [p["name"] for p in fit.phases] == list(PHASES) and fit.missing == []
+    for boundary, true_x in zip(fit.boundaries, (1.0, 2.0, 3.0)):
+        nearest = min(range(len(x)), key=lambda i: abs(x[i] - true_x))
+        assert abs(steps.index(boundary.step) - nearest) <= 1, (boundary, steps[nearest])
+        assert boundary.confidence > 0.5
+    assert fit.r2 > 0.95
+
+
+def test_phase_detector_reports_phases_the_curve_does_not_reach():
+    steps = sorted({0, *[round(10 ** (i / 8)) for i in range(21)]})  # up to 10^2.5: no reconvergence yet
+    g = torch.Generator().manual_seed(3)
+    y = [_four_phase(math.log10(s + 1)) + 0.02 * float(torch.randn(1, generator=g)) for s in steps]
+    fit = detect_phases(steps, y)
+    assert [p["name"] for p in fit.phases] == list(PHASES[:3])
+    assert fit.missing == ["slow reconvergence"]
+
+
+def test_phase_detector_skips_a_phase_the_curve_lacks():
+    steps = sorted({0, *[round(10 ** (i / 8)) for i in range(25)]})
+    g = torch.Generator().manual_seed(4)
+    y = [(0.1 if s < 30 else 0.1 + 0.5 * (math.log10(s + 1) - math.log10(31)))
+         + 0.01 * float(torch.randn(1, generator=g)) for s in steps]  # flat, then only rising
+    fit = detect_phases(steps, y)
+    assert [p["name"] for p in fit.phases] == ["initial uniform", "sharp divergence"]
+    assert fit.missing == ["sharp convergence", "slow reconvergence"]
+    assert abs(steps.index(fit.boundaries[0].step) - steps.index(min(steps, key=lambda s: abs(s - 30)))) <= 1
+
+
+def test_seed_regimes_and_synchronisation_spread():
+    steps = list(range(0, 101, 5))
+    shifts = [30, 40, 50]
+    curves = torch.tensor([[1 / (1 + math.exp(-(s - c) / 3)) for s in steps] for c in shifts])
+    regimes = seed_regimes(steps, curves)
+    transition = [c["transition"] for c in regimes.crossings]
+    stable = [c["stable"] for c in regimes.crossings]
+    assert transition == sorted(transition) and stable == sorted(stable)
+    assert regimes.spread["stable"] == pytest.approx(20, abs=2)
+    assert regimes.labels[0][0] == "chaotic" and regimes.labels[2][-1] == "stable"
+    assert regimes.labels[2][steps.index(50)] == "transition"
+
+
+# -- CLI and recipe ----------------------------------------------------------------------------
+
+
+def test_cli_writes_json_with_plain_keys_and_plots(runs, tmp_path):
+    out = tmp_path / "result.json"
+    code = main(["converge", str(runs["a"]), str(runs["b"]), "--probe", "4", "--batch-size", "4",
+                 "--json", str(out), "--plot", str(tmp_path / "plots")])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert {"kl", "fingerprint_cosine", "cka", "loss_cv", "phases"} <= set(data)
+    assert data["steps"] == STEPS and len(data["kl"]["mean"]) == len(STEPS)
+    assert (tmp_path / "plots" / "convergence.png").stat().st_size > 0
+    assert (tmp_path / "plots" / "fingerprint.png").stat().st_size > 0
+    assert main(["converge", str(runs["a"]), str(runs["b"]), "--json", str(out)]) == 2  # exists
+
+
+def test_cli_steps_and_classes_options(runs, tmp_path):
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps({"e": "vowel", "id:32": "space"}))
+    out = tmp_path / "r.json"
+    assert main(["converge", str(runs["a"]), str(runs["b"]), "--steps", "0,6", "--classes", str(classes),
+                 "--probe", "4", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["steps"] == [0, 6]
+    assert [r["stratum"] for r in data["kl"]["strata"]["classes"]] == ["other", "vowel", "space"]
+    assert main(["converge", str(runs["a"]), str(runs["b"]), "--steps", "5"]) == 2  # not a common step
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"no such token": "x"}))
+    assert main(["converge", str(runs["a"]), str(runs["b"]), "--classes", str(bad)]) == 2
+
+
+def test_cli_needs_two_runs(runs):
+    assert main(["converge", str(runs["a"])]) == 2
+
+
+def test_recipe_in_repo_parses_and_unknown_keys_are_errors(tmp_path):
+    recipe = load_converge_recipe(Path(__file__).parent.parent / "recipes" / "converge-tiny-gpt.toml")
+    assert isinstance(recipe, ConvergeRecipe) and len(recipe.converge.seeds) == 4
+    assert recipe.train.model == "gpt_neox"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[converge]\nseeds = [0, 1]\n[train]\ntask = "text"\nstpes = 5\n')
+    with pytest.raises(ConfigError, match="train.stpes: unknown key"):
+        load_converge_recipe(bad)
+
+
+@pytest.mark.slow
+def test_cli_recipe_trains_seeds_then_analyses(tmp_path):
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(
+        '[converge]\nseeds = [0, 1]\nlog_checkpoints = 3\nprobe = 4\nbatch_size = 4\n'
+        '[train]\ntask = "text"\ntask_options = { seq_len = 16, eval_windows = 8 }\nmodel = "gpt_neox"\n'
+        'model_options = { layers = 1, hidden = 16, heads = 2, intermediate = 32 }\n'
+        'steps = 8\nbatch_size = 4\nlr = 1e-2\neval_every = 8\n'
+    )
+    out = tmp_path / "runs"
+    assert main(["converge", "--recipe", str(recipe), "--out", str(out), "--json", str(tmp_path / "r.json")]) == 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["steps"] == [0, 1, 3, 8] and (out / "plots" / "convergence.png").is_file()
+    assert (out / "seed0" / "manifest.json").is_file() and (out / "seed1" / "manifest.json").is_file()
