@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/lmctk train --task digits --model mlp --seed 0 --steps 300 --out runs/demo --overwrite
+	$(BIN)/lmctk run recipes/butterfly-digits-mlp.toml --out runs/quickstart --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 tests

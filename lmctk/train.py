@@ -8,6 +8,7 @@ from a checkpoint produces the same weights bit for bit (on CPU), and two runs n
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -159,6 +160,34 @@ class IsolatedRNG:
             self.cuda_state = tensors["rng.dropout.cuda"].clone()
 
 
+@contextmanager
+def deterministic(enabled: bool = True) -> Iterator[None]:
+    """Deterministic algorithms on, TF32 off, cudnn.benchmark off inside the block (restored after).
+
+    Needed for bitwise-identical twins on GPU. `torch.use_deterministic_algorithms` is only switched
+    when CUDA is available: CPU kernels are deterministic already, and the switch imports
+    torch._inductor (seconds per process).
+    """
+    import os
+
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+        if torch.cuda.is_available():
+            torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        if torch.are_deterministic_algorithms_enabled() != saved[0]:
+            torch.use_deterministic_algorithms(saved[0])
+        (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = saved[1:]
+
+
 def init_model(config: TrainConfig, task: Task | None = None) -> nn.Module:
     """Build the configured model with weights drawn from the run's init seed only."""
     task = task or get_task(config.task, **config.task_options)
@@ -213,6 +242,28 @@ class Trainer:
 
     def evaluate(self, split: str = "test") -> dict[str, float]:
         return evaluate(self.model, self.task, split, device=self.device)
+
+    def fork(self, *, data_seed: int | None = None, dropout_seed: int | None = None) -> "Trainer":
+        """An independent copy at the same step: model, optimizer state and RNG states are deep-copied.
+
+        The child shares nothing mutable with the parent (twins and replicas); `data_seed` /
+        `dropout_seed` give it its own data-order or dropout stream from this step on.
+        """
+        child = Trainer(self.config, task=self.task, model=copy.deepcopy(self.model))
+        child.optimizer.load_state_dict(copy.deepcopy(self.optimizer.state_dict()))
+        child.step = self.step
+        child.dropout_rng.cpu_state = self.dropout_rng.cpu_state.clone()
+        if self.dropout_rng.cuda_state is not None:
+            child.dropout_rng.cuda_state = self.dropout_rng.cuda_state.clone()
+        child.set_data_seed(self.data_seed if data_seed is None else data_seed)
+        if dropout_seed is not None:
+            child.dropout_rng = IsolatedRNG(dropout_seed, self.device)
+        return child
+
+    def set_data_seed(self, seed: int) -> None:
+        """Draw batches from step `self.step` on with another data-order seed (Frankle et al.'s instability)."""
+        self.data_seed = seed
+        self.data_order = DataOrder(self.task.num_train, seed, self.config.batch_size)
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self, out_dir: Path, *, overwrite: bool = True) -> None:

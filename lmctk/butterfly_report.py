@@ -1,0 +1,215 @@
+"""Butterfly report: from finished trials to findings: the final-barrier table over t × σ, σ*(t) and phase labels.
+
+σ*(t) is the scale at which the (replicate-mean) final barrier first reaches `threshold` × the
+independent-seed barrier, interpolated linearly in log10 σ between the two scales around the
+crossing. Phase of t: chaotic if the smallest non-zero σ already reaches it, stable if the largest
+does not, transition otherwise (σ* inside the swept range).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PHASES = ("chaotic", "transition", "stable")
+
+
+def final_value(final: dict[str, Any], metric: str, definition: str, path: str) -> float | None:
+    """The barrier of one trial's final measurement that the analysis is about (None if not measured)."""
+    source = final.get("aligned") if path == "aligned" else final
+    if not source:
+        return None
+    return float(source["barrier"][metric][definition])
+
+
+def sigma_star(scales: list[float], values: list[float], target: float) -> tuple[float | None, str]:
+    """(σ*, how): the first crossing of `target` by values(σ) over ascending non-zero scales, in log10 σ.
+
+    how is "fit" (interpolated), "below" (the smallest σ already reaches it; σ* <= scales[0]) or
+    "above" (no σ reaches it; σ* > scales[-1]).
+    """
+    for i, (s, v) in enumerate(zip(scales, values)):
+        if v >= target:
+            if i == 0:
+                return None, "below"
+            s0, v0 = scales[i - 1], values[i - 1]
+            frac = (target - v0) / (v - v0) if v != v0 else 0.0
+            return 10 ** (math.log10(s0) + frac * (math.log10(s) - math.log10(s0))), "fit"
+    return None, "above"
+
+
+def phase_label(how: str) -> str:
+    return {"below": "chaotic", "fit": "transition", "above": "stable"}[how]
+
+
+@dataclass
+class ButterflyReport:
+    """The merged result of a butterfly run; renders as tables, serialises with `to_dict`."""
+
+    name: str
+    trials_total: int
+    trials_done: int
+    analysis: dict[str, Any]
+    reference: dict[str, Any] | None  # independent-seed barrier: mean and values
+    table: dict[str, dict[int, dict[float, dict[str, float]]]]  # kind -> t -> σ -> {mean, std, n}
+    phases: dict[str, dict[int, dict[str, Any]]]  # kind -> t -> {label, sigma_star, how}
+    curves: dict[str, dict[int, dict[float, dict[str, list[float]]]]]  # kind -> t -> σ -> {step, l2, barrier}
+    determinism: dict[str, Any]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        def keyed(d):
+            return {str(k): keyed(v) if isinstance(v, dict) and k not in ("analysis",) else v for k, v in d.items()}
+
+        return {"name": self.name, "trials": {"total": self.trials_total, "done": self.trials_done},
+                "analysis": self.analysis, "reference": self.reference, "final_barrier": keyed(self.table),
+                "phases": keyed(self.phases), "curves": keyed(self.curves), "determinism": self.determinism,
+                **self.extras}
+
+    def __rich__(self):
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        a = self.analysis
+        what = f"{a['path']} {a['metric']} barrier ({a['definition'].replace('_', '-')})"
+        parts: list[Any] = [Text(f"{self.name}: {self.trials_done}/{self.trials_total} trials done", style="bold")]
+        ref = self.reference["mean"] if self.reference else None
+        top = max([c["mean"] for k in self.table.values() for t in k.values() for c in t.values()] + [ref or 0.0, 1e-12])
+        for kind, by_t in self.table.items():
+            scales = sorted({s for row in by_t.values() for s in row})
+            t = Table(title=f"{kind} perturbation: final {what}",
+                      caption="rows: perturbation step t; columns: σ; mean over replicates")
+            t.add_column("t", justify="right")
+            for s in scales:
+                t.add_column(f"σ={s:g}", justify="right")
+            if self.phases.get(kind):
+                t.add_column("phase")
+                t.add_column("σ*", justify="right")
+            for step in sorted(by_t):
+                cells = []
+                for s in scales:
+                    c = by_t[step].get(s)
+                    if c is None:
+                        cells.append(Text("—"))
+                        continue
+                    shade = int(255 * (1 - min(max(c["mean"] / top, 0.0), 1.0)))
+                    cells.append(Text(f"{c['mean']:.4f}", style=f"black on rgb(255,{shade},{shade})"))
+                row = [str(step), *cells]
+                if self.phases.get(kind):
+                    p = self.phases[kind].get(step)
+                    if p is None:
+                        row += ["", ""]
+                    else:
+                        star = ("—" if p["range"][0] == p["range"][1] else
+                                f"{p['sigma_star']:.3g}" if p["how"] == "fit" else
+                                f"≤ {p['range'][0]:g}" if p["how"] == "below" else f"> {p['range'][1]:g}")
+                        row += [p["label"], star]
+                t.add_row(*row)
+            parts.append(t)
+        if ref is not None:
+            parts.append(Text(f"independent-seed {what}: {ref:.4f} (n={len(self.reference['values'])}); "
+                              f"σ* = σ where the barrier reaches {a['threshold']:g} × that"))
+        else:
+            parts.append(Text("no independent-seed pair finished: σ* and phases need sweep.independent >= 1",
+                              style="yellow"))
+        d = self.determinism
+        status = d.get("status", "unknown")
+        colour = "green" if status == "ok" else "red" if status == "failed" else "yellow"
+        parts.append(Text(f"determinism: {status} — {d.get('message', '')}", style=colour))
+        return Group(*parts)
+
+
+def summarize(name: str, recipe: dict[str, Any], trial_ids: list[str], records: Iterable[dict[str, Any]]) -> ButterflyReport:
+    """Merge the journal records of a run (any number of ranks, resumed or not) into a ButterflyReport."""
+    analysis = recipe["analysis"]
+    metric, definition, path = analysis["metric"], analysis["definition"], analysis["path"]
+    done: dict[str, dict[str, Any]] = {}
+    preflight = None
+    for r in records:
+        if r.get("type") == "trial":
+            done[r["trial"]["id"]] = r  # a re-run trial (resume) replaces the earlier record
+        elif r.get("type") == "preflight":
+            preflight = r
+    groups: dict[tuple[str, int, float], list[dict[str, Any]]] = {}
+    ref_values = []
+    zero_checks = []
+    for r in done.values():
+        tr, res = r["trial"], r["result"]
+        value = final_value(res["final"], metric, definition, path)
+        if tr["kind"] == "independent":
+            if value is not None:
+                ref_values.append(value)
+            continue
+        if tr["scale"] == 0.0:
+            zero_checks.append(bool(res["final"]["bitwise_equal"]))
+        groups.setdefault((tr["kind"], tr["t"], tr["scale"]), []).append({"value": value, "res": res})
+    table: dict[str, dict[int, dict[float, dict[str, float]]]] = {}
+    curves: dict[str, dict[int, dict[float, dict[str, list[float]]]]] = {}
+    for (kind, t, scale), items in sorted(groups.items()):
+        values = [i["value"] for i in items if i["value"] is not None]
+        if not values:
+            continue
+        table.setdefault(kind, {}).setdefault(t, {})[scale] = {
+            "mean": statistics.fmean(values), "std": statistics.pstdev(values), "n": len(values)}
+        series = [i["res"]["measurements"] for i in items]
+        steps = [m["step"] for m in series[0]]
+        curves.setdefault(kind, {}).setdefault(t, {})[scale] = {
+            "step": steps,
+            "l2": [statistics.fmean(s[j]["l2"] for s in series) for j in range(len(steps))],
+            "barrier": [statistics.fmean(s[j]["barrier"][metric][definition] for s in series) for j in range(len(steps))],
+        }
+    reference = {"mean": statistics.fmean(ref_values), "values": ref_values} if ref_values else None
+    phases: dict[str, dict[int, dict[str, Any]]] = {}
+    if reference and reference["mean"] > 0:
+        target = analysis["threshold"] * reference["mean"]
+        for kind, by_t in table.items():
+            for t, row in by_t.items():
+                scales = sorted(s for s in row if s > 0)
+                if not scales:
+                    continue
+                star, how = sigma_star(scales, [row[s]["mean"] for s in scales], target)
+                phases.setdefault(kind, {})[t] = {"label": phase_label(how), "sigma_star": star, "how": how,
+                                                  "range": [scales[0], scales[-1]], "target": target}
+    determinism = _determinism(preflight, zero_checks)
+    return ButterflyReport(name, len(trial_ids), sum(1 for i in trial_ids if i in done), dict(analysis),
+                           reference, table, phases, curves, determinism)
+
+
+def _determinism(preflight: dict[str, Any] | None, zero_checks: list[bool]) -> dict[str, Any]:
+    out: dict[str, Any] = {"preflight": preflight, "zero_controls": len(zero_checks),
+                           "zero_controls_identical": sum(zero_checks)}
+    msgs = []
+    if preflight is None:
+        msgs.append("no preflight recorded")
+    else:
+        msgs.append(f"preflight: zero-perturbation twins bitwise identical for {preflight['steps']} steps")
+    if zero_checks:
+        msgs.append(f"{sum(zero_checks)}/{len(zero_checks)} σ=0 twin pairs bitwise identical at the end")
+    failed = zero_checks and not all(zero_checks)
+    out["status"] = "failed" if failed else "ok" if preflight is not None else "unchecked"
+    out["message"] = "; ".join(msgs)
+    return out
+
+
+def write_plots(report: ButterflyReport, out_dir: Path) -> list[Path]:
+    """One PNG per (kind, t): L2 and the analysed barrier between the twins over training, one line per σ."""
+    from lmctk.report import line_plot
+
+    paths = []
+    metric, definition = report.analysis["metric"], report.analysis["definition"].replace("_", "-")
+    for kind, by_t in report.curves.items():
+        for t, by_scale in sorted(by_t.items()):
+            first = next(iter(by_scale.values()))
+            if len(first["step"]) < 2:
+                continue
+            panels = {"L2 ‖θA−θB‖": {f"σ={s:g}": c["l2"] for s, c in sorted(by_scale.items())},
+                      f"raw {metric} barrier ({definition})": {f"σ={s:g}": c["barrier"] for s, c in sorted(by_scale.items())}}
+            path = out_dir / f"divergence-{kind}-t{t}.png"
+            paths.append(line_plot(path, first["step"], panels, xlabel="step", overwrite=True,
+                                   title=f"{report.name}: twins after a {kind} perturbation at t={t}"))
+    return paths

@@ -1,0 +1,201 @@
+"""Run a butterfly recipe: run dir, journal, resume that skips finished trials, and trial sharding over
+torch.distributed ranks (`torchrun --nproc-per-node N -m lmctk run RECIPE`; gloo on CPU).
+
+Rank 0 creates the run dir, checks determinism (`verify_twins`) and writes the parent checkpoints at
+every perturbation step; then every rank runs trials i ≡ rank (mod world) that the journal does not
+list as finished, appending one record per trial; rank 0 merges the journal into the report. A run
+killed at any moment resumes with `resume=True`: unfinished trials are re-run from their parent
+checkpoint, and since trials are pure functions of the recipe the merged metrics are the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from lmctk.butterfly import run_independent, run_perturbed, verify_twins
+from lmctk.butterfly_report import ButterflyReport, summarize, write_plots
+from lmctk.errors import ConfigError
+from lmctk.io import atomic_write_text
+from lmctk.perturb import init_stds
+from lmctk.rundir import RunDir, environment, read_journal, timestamp
+from lmctk.sweep import ButterflyRecipe, Trial, independent_seed, trials
+from lmctk.tasks import get_task
+from lmctk.train import Trainer, deterministic, init_model
+
+REPORT = "report.json"
+# progress(event, info): "preflight", "parent", "trial_start", "measure", "trial_done"
+Progress = Callable[[str, dict[str, Any]], None]
+
+
+@dataclasses.dataclass
+class Dist:
+    """This process's place in a torch.distributed job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+    owned: bool = False  # this module initialised the process group and tears it down
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+@contextmanager
+def distributed() -> Iterator[Dist]:
+    """Join the torchrun job described by RANK/WORLD_SIZE (gloo backend), or act as the only rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        yield Dist()
+        return
+    import torch.distributed as dist
+
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo")
+    try:
+        yield Dist(dist.get_rank(), dist.get_world_size(), owned)
+    finally:
+        if owned:
+            dist.destroy_process_group()
+
+
+def append_record(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line with a single O_APPEND write, fsynced: safe with several ranks writing."""
+    data = (json.dumps(record, sort_keys=True, allow_nan=True) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _open_run(recipe: ButterflyRecipe, out: Path, name: str, *, resume: bool, overwrite: bool) -> RunDir:
+    ids = [t.id for t in trials(recipe)]
+    if resume and (out / "manifest.json").is_file():
+        run = RunDir.open(out)
+        saved = run.manifest()
+        if saved.get("kind") != "butterfly":
+            raise ConfigError(f"{out}: not a butterfly run (kind {saved.get('kind')!r}); choose another --out")
+        if saved["recipe"] != json.loads(json.dumps(recipe.to_dict())):
+            raise ConfigError(f"{out}: the recipe differs from the one this run started with; resume with the same "
+                              "recipe and --set values, or start a new run without --resume")
+        return run
+    fresh = resume and out.is_dir()  # resume of a run killed before its manifest was written: start over
+    run = RunDir.create(out, overwrite=overwrite or fresh)
+    run.write_manifest({"kind": "butterfly", "name": name, "created": timestamp(), "recipe": recipe.to_dict(),
+                        "seed": recipe.train.seed, "trials": ids, "environment": environment()})
+    return run
+
+
+def _prepare_parent(recipe: ButterflyRecipe, run: RunDir, task, progress: Progress | None) -> None:
+    """Preflight on the fresh parent, then train it once to the last t, checkpointing every t."""
+    records = run.records()
+    parent = Trainer(recipe.train, task=task)
+    if recipe.run.verify_steps > 0 and not any(r.get("type") == "preflight" for r in records):
+        check = verify_twins(parent, recipe.run.verify_steps)
+        append_record(run.journal_path, {"type": "preflight", **check})
+        if progress:
+            progress("preflight", check)
+    needed = sorted(set(recipe.sweep.steps))
+    have = set(run.checkpoint_steps())
+    missing = [t for t in needed if t not in have]
+    if not missing:
+        return
+    start = max((t for t in have if t <= missing[0]), default=None)
+    if start is not None:
+        parent.load_checkpoint(run.checkpoint_dir(start))
+    for t in missing:
+        while parent.step < t:
+            parent.train_step()
+        parent.save_checkpoint(run.checkpoint_dir(t))
+        if progress:
+            progress("parent", {"step": t})
+
+
+def _run_trial(trial: Trial, recipe: ButterflyRecipe, run: RunDir, task, cache: dict, progress: Progress | None,
+               init_std: dict[str, float]) -> dict[str, Any]:
+    def on_measure(step: int, m: dict[str, Any]) -> None:
+        append_record(run.journal_path, {"type": "measure", "trial": trial.id, "step": step, "l2": m["l2"],
+                                         "cosine": m["cosine"], "barrier": m["barrier"]})
+        if progress:
+            progress("measure", {"trial": trial.id, "step": step, "l2": m["l2"]})
+
+    total = recipe.train.steps
+    if trial.kind == "independent":
+        a = Trainer(recipe.train, task=task)
+        b = Trainer(dataclasses.replace(recipe.train, seed=independent_seed(recipe, trial.replicate)), task=task)
+        return run_independent(a, b, total, recipe.measure, on_measure)
+    if cache.get("t") != trial.t:
+        parent = Trainer(recipe.train, task=task)
+        parent.load_checkpoint(run.checkpoint_dir(trial.t))
+        cache.update(t=trial.t, parent=parent)
+    return run_perturbed(cache["parent"], trial.perturbation(recipe), total, recipe.measure, init_std, on_measure)
+
+
+def finished_trials(run: RunDir) -> set[str]:
+    """Ids of trials with a complete record in the journal."""
+    return {r["trial"]["id"] for r in read_journal(run.journal_path) if r.get("type") == "trial"}
+
+
+def report(run_dir: str | os.PathLike, *, plots: bool = True) -> ButterflyReport:
+    """Merge a butterfly run dir's journal into its report; write report.json (and PNGs) into the run dir."""
+    run = RunDir.open(run_dir)
+    manifest = run.manifest()
+    if manifest.get("kind") != "butterfly":
+        raise ConfigError(f"{run.path}: not a butterfly run dir (made by `lmctk run`)")
+    result = summarize(manifest.get("name", run.path.name), manifest["recipe"], manifest["trials"], run.records())
+    payload = result.to_dict()
+    if plots:
+        payload["plots"] = [p.name for p in write_plots(result, run.path)]
+    atomic_write_text(run.path / REPORT, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    return result
+
+
+def run_recipe(recipe: ButterflyRecipe, out: str | os.PathLike, *, name: str = "butterfly", resume: bool = False,
+               overwrite: bool = False, progress: Progress | None = None) -> ButterflyReport | None:
+    """Run every unfinished trial of `recipe` in the run dir `out` (sharded over torchrun ranks).
+
+    Returns the merged report on rank 0 and None on other ranks.
+    """
+    out = Path(out)
+    threads = torch.get_num_threads()
+    if recipe.run.threads:
+        torch.set_num_threads(recipe.run.threads)
+    try:
+        with distributed() as dist, deterministic(recipe.run.deterministic):
+            task = get_task(recipe.train.task, **recipe.train.task_options)
+            if dist.rank == 0:
+                run = _open_run(recipe, out, name, resume=resume, overwrite=overwrite)
+                _prepare_parent(recipe, run, task, progress)
+            dist.barrier()
+            run = RunDir.open(out)
+            done = finished_trials(run)
+            mine = [t for i, t in enumerate(trials(recipe)) if i % dist.world == dist.rank and t.id not in done]
+            init_std = init_stds(init_model(recipe.train, task))
+            cache: dict[str, Any] = {}
+            for trial in mine:
+                if progress:
+                    progress("trial_start", trial.to_dict())
+                result = _run_trial(trial, recipe, run, task, cache, progress, init_std)
+                record = {"type": "trial", "trial": trial.to_dict(), "result": result, "rank": dist.rank}
+                append_record(run.journal_path, record)
+                if progress:
+                    progress("trial_done", {**trial.to_dict(), "final": result["final"],
+                                            "perturbation": result["perturbation"]})
+            dist.barrier()
+            if dist.rank == 0:
+                return report(out, plots=recipe.run.plots)
+            return None
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,165 @@
+"""The butterfly recipe (strict TOML) and the trials it expands to: steps × scales × kinds × replicates.
+
+```toml
+[train]                      # lmctk.train.TrainConfig fields
+task = "digits"
+model = "mlp"
+steps = 600
+[sweep]
+steps = [0, 50, 300]         # perturbation steps t
+scales = [0.0, 0.01, 0.1]    # σ (0 = the zero-perturbation control)
+kinds = ["gaussian"]         # gaussian | batch | data_order | dropout
+replicates = 2               # perturbation seeds per (t, σ, kind)
+independent = 1              # independent-seed pairs: the reference barrier of σ* and phases
+[perturb]                    # ref, fraction, include, exclude, seed
+[measure]                    # lmctk.butterfly.MeasureSpec
+[analysis]                   # which barrier σ* and phases use
+[run]                        # out, deterministic, verify_steps, threads, plots
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lmctk.butterfly import MeasureSpec
+from lmctk.errors import ConfigError
+from lmctk.perturb import KINDS, PerturbSpec
+from lmctk.recipes import load_recipe
+from lmctk.seeding import derive_seed
+from lmctk.train import TrainConfig
+
+Kind = Literal["gaussian", "batch", "data_order", "dropout"]
+
+
+@dataclass
+class SweepSpec:
+    """Which perturbations run: every t × σ × kind × replicate is one trial."""
+
+    steps: list[int]  # perturbation steps t (0 = at initialisation)
+    scales: list[float] = field(default_factory=lambda: [1.0])  # σ of gaussian; 0 is the zero-perturbation
+    # control. batch/data_order/dropout are on/off: they run at σ=1 (and at σ=0 when 0 is listed)
+    kinds: list[Kind] = field(default_factory=lambda: ["gaussian"])
+    replicates: int = 1  # perturbation seeds per (t, σ, kind)
+    independent: int = 1  # pairs of independently seeded runs (reference barrier); 0: none
+
+    def __post_init__(self) -> None:
+        if not self.steps or not self.scales or not self.kinds:
+            raise ConfigError("steps, scales and kinds: give at least one value each")
+        if self.replicates < 1 or self.independent < 0:
+            raise ConfigError("replicates must be >= 1 and independent >= 0")
+        if len(set(self.scales)) != len(self.scales) or len(set(self.steps)) != len(self.steps):
+            raise ConfigError("steps and scales must not repeat values")
+
+
+@dataclass
+class PerturbOptions:
+    """Settings shared by every perturbation of the sweep (see lmctk.perturb.PerturbSpec)."""
+
+    ref: Literal["init_std", "param_norm", "absolute"] = "init_std"
+    fraction: float = 1.0
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    seed: int = 0  # base of every perturbation's own seed
+
+
+@dataclass
+class AnalysisSpec:
+    """The barrier that σ*(t) and the phase labels are computed from."""
+
+    metric: Literal["loss", "error"] = "loss"
+    definition: Literal["mean_endpoint", "linear"] = "mean_endpoint"
+    path: Literal["raw", "aligned"] = "raw"
+    threshold: float = 0.5  # σ* = scale where the barrier reaches threshold × the independent-seed barrier
+
+
+@dataclass
+class RunSpec:
+    """How the sweep runs."""
+
+    out: str | None = None  # run dir (default: runs/<recipe name>)
+    deterministic: bool = True  # deterministic algorithms, TF32 off, cudnn.benchmark off
+    verify_steps: int = 5  # preflight: zero-perturbation twins must stay bitwise identical this long (0: skip)
+    threads: int | None = None  # torch CPU threads (small models are fastest with 1)
+    plots: bool = True  # write divergence PNGs with the report
+
+
+@dataclass
+class ButterflyRecipe:
+    """A whole `lmctk run` recipe."""
+
+    train: TrainConfig
+    sweep: SweepSpec
+    perturb: PerturbOptions = field(default_factory=PerturbOptions)
+    measure: MeasureSpec = field(default_factory=MeasureSpec)
+    analysis: AnalysisSpec = field(default_factory=AnalysisSpec)
+    run: RunSpec = field(default_factory=RunSpec)
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.sweep.steps if not 0 <= t < self.train.steps]
+        if bad:
+            raise ConfigError(f"sweep.steps: {bad[0]} is outside 0..{self.train.steps - 1} (train.steps)")
+        if self.analysis.path == "aligned" and not self.measure.align:
+            raise ConfigError("analysis.path: 'aligned' needs measure.align = true (aligned barriers are not measured)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One twin pair: B perturbed by (kind, σ) at step t, or an independent-seed pair (kind 'independent')."""
+
+    kind: str
+    t: int
+    scale: float
+    replicate: int
+
+    @property
+    def id(self) -> str:
+        if self.kind == "independent":
+            return f"independent-r{self.replicate}"
+        return f"{self.kind}-t{self.t}-s{self.scale:g}-r{self.replicate}"
+
+    def perturbation(self, recipe: ButterflyRecipe) -> PerturbSpec:
+        """The trial's PerturbSpec; its seed depends on (kind, t, replicate) but not σ: one direction, scaled."""
+        o = recipe.perturb
+        seed = derive_seed(o.seed, recipe.train.seed, self.kind, self.t, self.replicate)
+        return PerturbSpec(kind=self.kind, scale=self.scale, ref=o.ref, fraction=o.fraction,
+                           include=list(o.include), exclude=list(o.exclude), seed=seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "t": self.t, "scale": self.scale, "replicate": self.replicate}
+
+
+def trials(recipe: ButterflyRecipe) -> list[Trial]:
+    """Every trial of the recipe in a fixed order (independent pairs first, then by kind, t, σ, replicate)."""
+    s = recipe.sweep
+    out = [Trial("independent", 0, 0.0, r) for r in range(s.independent)]
+    for kind in s.kinds:
+        scales = sorted(s.scales) if kind == "gaussian" else [x for x in (0.0, 1.0) if x > 0 or 0.0 in s.scales]
+        for t in sorted(s.steps):
+            for scale in scales:
+                for r in range(s.replicates):
+                    out.append(Trial(kind, t, float(scale), r))
+    return out
+
+
+def independent_seed(recipe: ButterflyRecipe, replicate: int) -> int:
+    """The seed of run B of independent pair `replicate` (run A is the recipe's seed)."""
+    return derive_seed(recipe.train.seed, "independent", replicate) % (2**31)
+
+
+def load_butterfly_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> ButterflyRecipe:
+    """Read a butterfly recipe strictly; `overrides` are `key.path=value` (TOML values) applied first."""
+    recipe = load_recipe(path, ButterflyRecipe, overrides=overrides)
+    unknown = [k for k in recipe.sweep.kinds if k not in KINDS]
+    if unknown:
+        raise ConfigError(f"sweep.kinds: unknown {unknown[0]!r}")
+    if any(not math.isfinite(x) or x < 0 for x in recipe.sweep.scales):
+        raise ConfigError("sweep.scales: every σ must be a finite number >= 0")
+    return recipe
