@@ -27,7 +27,7 @@ from lmctk.io import load_state
 from lmctk.phases import PhaseFit, Regimes, detect_phases, seed_regimes
 from lmctk.tasks import Task, get_task
 from lmctk.tasks.base import IGNORE_INDEX, Batch
-from lmctk.train import TrainConfig, init_model
+from lmctk.train import TrainConfig, model_skeleton
 
 _STEP_NAME = re.compile(r"(?:step|checkpoint-)(\d+)")
 OTHER_CLASS = "other"
@@ -59,7 +59,7 @@ class Run:
             config = TrainConfig.from_dict(run.manifest()["config"])
             steps = {s: run.checkpoint_dir(s) for s in run.checkpoint_steps()}
             task = get_task(config.task, **config.task_options)
-            return cls(path, steps, lambda: init_model(config, task), (config.task, config.task_options))
+            return cls(path, steps, lambda: model_skeleton(config, task), (config.task, config.task_options))
         steps = {int(m[1]): d for d in path.iterdir() if d.is_dir() and (m := _STEP_NAME.fullmatch(d.name))}
         if not steps:
             raise ConfigError(

@@ -56,10 +56,10 @@ def skeleton(path: str | Path, task: Task | None = None) -> nn.Module:
     """
     run = run_dir_of(path)
     if run is not None:
-        from lmctk.train import TrainConfig, init_model
+        from lmctk.train import TrainConfig, model_skeleton
 
         config = TrainConfig.from_dict(json.loads((run / "manifest.json").read_text())["config"])
-        return init_model(config, task)
+        return model_skeleton(config, task)
     config_file = resolve_checkpoint(path) / "config.json"
     if not config_file.is_file():
         raise ConfigError(

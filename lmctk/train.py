@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmctk.errors import ConfigError, CorruptCheckpointError, MissingPathError, OutputExistsError
-from lmctk.io import load_state, save_hf_dir
+from lmctk.io import assert_same_shapes, load_state, save_hf_dir
 from lmctk.models import build_model, model_config
 from lmctk.rundir import RunDir, environment, timestamp
 from lmctk.seeding import derive_seed
@@ -47,6 +47,7 @@ class TrainConfig:
     task_options: dict[str, Any] = field(default_factory=dict)
     model: str = "mlp"  # reference model or tiny HF model name
     model_options: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None  # start from this checkpoint's weights (fine-tuning) instead of a fresh init
     seed: int = 0  # derives the init, data-order and dropout seeds
     steps: int = 300  # optimiser steps
     batch_size: int = 64
@@ -189,11 +190,23 @@ def deterministic(enabled: bool = True) -> Iterator[None]:
 
 
 def init_model(config: TrainConfig, task: Task | None = None) -> nn.Module:
-    """Build the configured model with weights drawn from the run's init seed only."""
+    """Build the configured model with weights drawn from the run's init seed only, or loaded from
+    `config.init_from` (a checkpoint file, HF dir or run dir of the same architecture)."""
     task = task or get_task(config.task, **config.task_options)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(config.seed, "init"))
-        return build_model(config.model, task, **config.model_options)
+        model = build_model(config.model, task, **config.model_options)
+    if config.init_from is not None:
+        own = model.state_dict()
+        loaded = load_state(config.init_from)
+        assert_same_shapes(own, loaded, "the configured model", str(config.init_from))
+        model.load_state_dict(loaded)
+    return model
+
+
+def model_skeleton(config: TrainConfig, task: Task | None = None) -> nn.Module:
+    """The configured architecture, for loading a checkpoint into (never reads `init_from`)."""
+    return init_model(dataclasses.replace(config, init_from=None), task)
 
 
 class Trainer:
@@ -442,7 +455,7 @@ def load_run_model(path: str | Path, step: int | None = None) -> tuple[nn.Module
     run = RunDir.open(path)
     config = TrainConfig.from_dict(run.manifest()["config"])
     task = get_task(config.task, **config.task_options)
-    model = init_model(config, task)
+    model = model_skeleton(config, task)
     steps = run.checkpoint_steps()
     if not steps:
         raise MissingPathError(run.path / "checkpoints", "checkpoint")

@@ -166,3 +166,24 @@ def test_log_spaced_checkpoints_cover_start_and_end():
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
         TrainConfig(**{field: value})
+
+
+def test_init_from_starts_a_fine_tune_from_the_base_weights(tmp_path):
+    fit(small_mlp(steps=10), tmp_path / "base")
+    tuned = small_mlp(steps=5, seed=9, init_from=str(tmp_path / "base"), checkpoints=[0])
+    fit(tuned, tmp_path / "ft")
+    run = RunDir.open(tmp_path / "ft")
+    assert_states_equal(load_state(run.checkpoint_dir(0)), load_state(tmp_path / "base"))
+    import shutil
+
+    shutil.rmtree(tmp_path / "base")  # a fine-tune loads without its base
+    model, _, _ = load_run_model(tmp_path / "ft")
+    assert_states_equal(model.state_dict(), load_state(tmp_path / "ft"))
+
+
+def test_init_from_another_architecture_names_the_mismatch(tmp_path):
+    from lmctk.errors import ShapeMismatchError
+
+    fit(small_mlp(steps=2), tmp_path / "base")
+    with pytest.raises(ShapeMismatchError, match="hidden.0"):
+        fit(small_mlp(steps=2, model_options={"widths": [16]}, init_from=str(tmp_path / "base")), tmp_path / "ft")

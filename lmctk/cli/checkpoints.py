@@ -17,6 +17,7 @@ def train(
     task: str = typer.Option("digits", help="Task: digits, synthetic, text, text-mlm, or module:function."),
     model: str = typer.Option("mlp", help="Model: mlp, cnn, resnet20, gpt2, gpt_neox, llama, qwen2, bert."),
     seed: int = typer.Option(0, help="Seed; derives separate init, data-order and dropout streams."),
+    init_from: Optional[str] = typer.Option(None, help="Fine-tune: start from this checkpoint's weights (run dir, HF dir or file)."),
     steps: int = typer.Option(300, help="Optimiser steps."),
     batch_size: int = typer.Option(64, help="Training batch size."),
     optimizer: str = typer.Option("adamw", help="sgd (with momentum) or adamw."),
@@ -45,7 +46,7 @@ def train(
     ckpt_steps = parse_steps(checkpoints) if checkpoints else (log_spaced_steps(log_checkpoints, steps) if log_checkpoints else [])
     config = TrainConfig(
         task=task, task_options=parse_options(task_opt, "--task-opt"), model=model,
-        model_options=parse_options(model_opt, "--model-opt"), seed=seed, steps=steps,
+        model_options=parse_options(model_opt, "--model-opt"), init_from=init_from, seed=seed, steps=steps,
         batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
         weight_decay=weight_decay, warmup=warmup, schedule=schedule, grad_clip=grad_clip,
         checkpoints=ckpt_steps, eval_every=eval_every, device=device,
