@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from lmctk.errors import LmctkError
-from lmctk.interp import barrier_sweep, distances, parameter_keys
+from lmctk.interp import barrier_sweep, parameter_keys
+from lmctk.metrics import distances
 from lmctk.perturb import Injection, PerturbSpec, inject
 from lmctk.tasks.base import IGNORE_INDEX, Task, forward
 from lmctk.train import Trainer

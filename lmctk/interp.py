@@ -21,6 +21,7 @@ from torch.func import functional_call, vmap
 
 from lmctk.errors import ConfigError
 from lmctk.io import assert_same_keys, assert_same_shapes
+from lmctk.metrics import distances
 from lmctk.tasks.base import Task, evaluate
 
 State = Mapping[str, torch.Tensor]
@@ -56,22 +57,6 @@ def barriers(alphas: Sequence[float], values: Sequence[float]) -> dict[str, floa
         "mean_endpoint": max(values) - 0.5 * (v0 + v1),
         "linear": max(v - ((1 - a) * v0 + a * v1) for a, v in zip(alphas, values)),
     }
-
-
-def distances(a: State, b: State, keys: Sequence[str] | None = None) -> dict[str, float]:
-    """‖θ_A − θ_B‖₂ and the cosine of θ_A and θ_B over `keys` (default: all), floating tensors only,
-    in float64. Each tensor is read once, so lazy or permuted-on-access mappings stream through."""
-    diff = dot = na = nb = 0.0
-    for k in keys if keys is not None else list(a.keys()):
-        x = a[k]
-        if not x.is_floating_point():
-            continue
-        x, y = x.double(), b[k].double().to(x.device)
-        diff += float((x - y).square().sum())
-        dot += float((x * y).sum())
-        na += float(x.square().sum())
-        nb += float(y.square().sum())
-    return {"l2": diff ** 0.5, "cosine": dot / max((na * nb) ** 0.5, 1e-300)}
 
 
 def parameter_keys(model: nn.Module, state: State) -> list[str]:

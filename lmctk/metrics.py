@@ -1,4 +1,4 @@
-"""Small pure metrics on tensors: CKA, seed-convergence KL, activation fingerprints, loss CV.
+"""Small pure metrics on tensors and states: distances, CKA, seed-convergence KL, fingerprints, loss CV.
 
 Every function takes tensors and returns tensors or floats; nothing here loads models or prints.
 Formulas are those of `DESIGN.md` (debiased linear CKA after Kornblith et al.; expected per-token
@@ -8,6 +8,7 @@ KL convergence after Fehlauer et al.).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -15,6 +16,7 @@ from lmctk.errors import ConfigError
 
 __all__ = [
     "angular_cka",
+    "distances",
     "clustered_mean",
     "ensemble_diversity",
     "expected_kl",
@@ -28,6 +30,24 @@ __all__ = [
     "stratified_means",
     "surprisal_bins",
 ]
+
+
+def distances(
+    a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], keys: Sequence[str] | None = None
+) -> dict[str, float]:
+    """‖θ_A − θ_B‖₂ and the cosine of θ_A and θ_B over `keys` (default: all), floating tensors only,
+    in float64. Each tensor is read once, so lazy or permuted-on-access mappings stream through."""
+    diff = dot = na = nb = 0.0
+    for k in keys if keys is not None else list(a.keys()):
+        x = a[k]
+        if not x.is_floating_point():
+            continue
+        x, y = x.double(), b[k].double().to(x.device)
+        diff += float((x - y).square().sum())
+        dot += float((x * y).sum())
+        na += float(x.square().sum())
+        nb += float(y.square().sum())
+    return {"l2": diff ** 0.5, "cosine": dot / max((na * nb) ** 0.5, 1e-300)}
 
 
 def _as_matrix(x: torch.Tensor, name: str) -> torch.Tensor:

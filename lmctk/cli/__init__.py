@@ -3,11 +3,7 @@
 Commands parse, call the Python API and render; no computation lives here.
 """
 
-from lmctk.cli import align, checkpoints  # noqa: F401  (registers commands)
-from lmctk.cli import barrier  # noqa: F401
-from lmctk.cli import soup  # noqa: F401
-from lmctk.cli import run  # noqa: F401
-from lmctk.cli import converge  # noqa: F401
+from lmctk.cli import align, barrier, checkpoints, converge, run, soup  # noqa: F401  (registers commands)
 from lmctk.cli.app import app, main
 
 __all__ = ["app", "main"]

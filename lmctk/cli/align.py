@@ -32,7 +32,7 @@ def align(
 ) -> None:
     """Align B to A and report how far apart they were before and after."""
     from lmctk.align import PermutedView, activation_matching, apply, save_aligned, weight_matching
-    from lmctk.interp import distances
+    from lmctk.metrics import distances
     from lmctk.io import LazyState, resolve_checkpoint
     from lmctk.loading import load_model_state, model_config_of
     from lmctk.spec import spec_for

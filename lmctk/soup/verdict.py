@@ -207,11 +207,10 @@ def _explain(scorer: Scorer, barriers, threshold, greedy: GreedyResult, models, 
     if gap > threshold:
         return False, (f"not soupable: the uniform soup's val loss is {gap:.2f} above the best ingredient's "
                        f"({lowest + 1}), more than the threshold {threshold}; {keeps}")
+    best_val = models[f"{lowest + 1}"]["val"]["loss"]
+    verb = (f"has val loss {uni['val']['loss']:.4f} against {best_val:.4f} for the best ingredient ({lowest + 1})"
+            f" and test loss {uni['test']['loss']:.4f} against {top['test']['loss']:.4f}")
     if scorer.task.kind == "classification":
-        delta = 100 * (uni["test"]["accuracy"] - top["test"]["accuracy"])
-        verb = f"improves test accuracy by {delta:.1f} points" if delta >= 0 else f"changes test accuracy by {delta:.1f} points"
-    else:
-        delta = top["test"]["loss"] - uni["test"]["loss"]
-        verb = f"lowers test loss by {delta:.4f}" if delta >= 0 else f"raises test loss by {-delta:.4f}"
-    return True, f"soupable: the uniform soup {verb} over the best ingredient ({best + 1}); {keeps}"
+        verb += f", test accuracy {uni['test']['accuracy']:.4f} against {top['test']['accuracy']:.4f}"
+    return True, f"soupable: the uniform soup {verb}; {keeps}"
 
