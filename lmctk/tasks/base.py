@@ -6,6 +6,7 @@ A task holds a fixed evaluation set per split and a training stream addressed by
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -75,7 +76,7 @@ TASK_ATTRIBUTES = (
 )
 
 
-class TaskBase:
+class TaskBase(ABC):
     """Shared task machinery: kind-aware cross-entropy loss and scores, and cached eval batches.
 
     Subclasses set `name`, `kind`, `num_train` and implement `model_options`, `train_batch` and
@@ -89,8 +90,9 @@ class TaskBase:
     def __init__(self) -> None:
         self._eval_cache: dict[tuple[str, str, int | None], list[Batch]] = {}
 
+    @abstractmethod
     def eval_split(self, split: str) -> Batch:
-        raise NotImplementedError
+        """The whole fixed evaluation set of `split` as one batch (each task defines its own)."""
 
     def eval_batches(
         self, split: str = "test", device: torch.device | str = "cpu", batch_size: int | None = None
