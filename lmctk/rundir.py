@@ -116,12 +116,17 @@ class RunDir:
             raise ConfigError(f"{self.manifest_path}: broken JSON ({e.msg}); the run dir is damaged") from e
 
     def append(self, record: dict[str, Any]) -> None:
-        """Append one record to the journal and make it durable before returning."""
-        line = json.dumps(record, sort_keys=True) + "\n"
-        with open(self.journal_path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        """Append one record to the journal as a single O_APPEND write, fsynced before returning, so
+        several ranks can append to one journal and a kill never leaves more than a torn last line."""
+        data = (json.dumps(record, sort_keys=True) + "\n").encode()
+        fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def records(self) -> list[dict[str, Any]]:
         """All complete journal records in order; a torn final line (a kill mid-write) is skipped."""

@@ -67,19 +67,6 @@ def distributed() -> Iterator[Dist]:
             dist.destroy_process_group()
 
 
-def append_record(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line with a single O_APPEND write, fsynced: safe with several ranks writing."""
-    data = (json.dumps(record, sort_keys=True, allow_nan=True) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _open_run(recipe: ButterflyRecipe, out: Path, name: str, *, resume: bool, overwrite: bool) -> RunDir:
     ids = [t.id for t in trials(recipe)]
     if resume and (out / "manifest.json").is_file():
@@ -104,7 +91,7 @@ def _prepare_parent(recipe: ButterflyRecipe, run: RunDir, task, progress: Progre
     parent = Trainer(recipe.train, task=task)
     if recipe.run.verify_steps > 0 and not any(r.get("type") == "preflight" for r in records):
         check = verify_twins(parent, recipe.run.verify_steps)
-        append_record(run.journal_path, {"type": "preflight", **check})
+        run.append({"type": "preflight", **check})
         if progress:
             progress("preflight", check)
     needed = sorted(set(recipe.sweep.steps))
@@ -126,7 +113,7 @@ def _prepare_parent(recipe: ButterflyRecipe, run: RunDir, task, progress: Progre
 def _run_trial(trial: Trial, recipe: ButterflyRecipe, run: RunDir, task, cache: dict, progress: Progress | None,
                init_std: dict[str, float]) -> dict[str, Any]:
     def on_measure(step: int, m: dict[str, Any]) -> None:
-        append_record(run.journal_path, {"type": "measure", "trial": trial.id, "step": step, "l2": m["l2"],
+        run.append({"type": "measure", "trial": trial.id, "step": step, "l2": m["l2"],
                                          "cosine": m["cosine"], "barrier": m["barrier"]})
         if progress:
             progress("measure", {"trial": trial.id, "step": step, "l2": m["l2"]})
@@ -189,7 +176,7 @@ def run_recipe(recipe: ButterflyRecipe, out: str | os.PathLike, *, name: str = "
                     progress("trial_start", trial.to_dict())
                 result = _run_trial(trial, recipe, run, task, cache, progress, init_std)
                 record = {"type": "trial", "trial": trial.to_dict(), "result": result, "rank": dist.rank}
-                append_record(run.journal_path, record)
+                run.append(record)
                 if progress:
                     progress("trial_done", {**trial.to_dict(), "final": result["final"],
                                             "perturbation": result["perturbation"]})
