@@ -4,7 +4,7 @@ N synthetic fp32 checkpoints of `--size-mb` each (64 tensors; a few large ones, 
 Each soup runs in a fresh subprocess, which reports its peak RSS (`ru_maxrss`) and wall time;
 throughput is input bytes read per second. Both methods run in the same invocation on the same files.
 
-Run: `.venv/bin/python benchmarks/bench_soup_memory.py [--size-mb 500] [--counts 2,4,8] [--write-results]`
+Run: `.venv/bin/python benchmarks/bench_soup.py [--size-mb 500] [--counts 2,4,8] [--write-results]`
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def measure(method: str, out: Path, paths: list[Path]) -> dict:
 
 def baseline_kib() -> int:
     """Peak RSS of a process that only imports lmctk.soup and torch (what every child pays)."""
-    code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import lmctk.soup, lmctk.io, bench_soup_memory as b; print(b.peak_kib())"
+    code = f"import sys; sys.path.insert(0, {str(HERE)!r}); import lmctk.soup, lmctk.io, bench_soup as b; print(b.peak_kib())"
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
@@ -116,7 +116,7 @@ def main() -> None:
 def report(rows, size_mb: int, base_mib: float) -> str:
     lines = [
         SECTION, "",
-        (f"`benchmarks/bench_soup_memory.py --size-mb {size_mb}`: uniform soup of N synthetic fp32 checkpoints of "
+        (f"`benchmarks/bench_soup.py --size-mb {size_mb}`: uniform soup of N synthetic fp32 checkpoints of "
          f"{size_mb} MiB each; peak RSS (VmHWM) of a fresh process per run (imports alone: {base_mib:.0f} MiB). "
          "`stream` is `lmctk soup` (one fp32 accumulator + one input tensor); `naive` loads every state, "
          "stacks and averages, then saves. MiB/s = input MiB read per second of wall time."),
