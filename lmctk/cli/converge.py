@@ -32,7 +32,8 @@ def converge(
 ) -> None:
     """Seed convergence: expected per-token KL, fingerprints, CKA and loss spread per step; phases."""
     from lmctk.converge import converge as analyse
-    from lmctk.converge import load_converge_recipe, plot as write_plots, train_seeds
+    from lmctk.converge import load_converge_recipe, train_seeds
+    from lmctk.converge_report import plot as write_plots
     from lmctk.train import parse_steps
 
     options = parse_options(task_opt, "--task-opt")
