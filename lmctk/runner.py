@@ -23,7 +23,7 @@ import torch
 from lmctk.butterfly import run_independent, run_perturbed, verify_twins
 from lmctk.butterfly_report import ButterflyReport, summarize, write_plots
 from lmctk.errors import ConfigError
-from lmctk.io import atomic_write_text
+from lmctk.io import atomic_write_json
 from lmctk.perturb import init_stds
 from lmctk.rundir import RunDir, environment, read_journal, timestamp
 from lmctk.sweep import ButterflyRecipe, Trial, independent_seed, trials
@@ -145,7 +145,7 @@ def report(run_dir: str | os.PathLike, *, plots: bool = True) -> ButterflyReport
     payload = result.to_dict()
     if plots:
         payload["plots"] = [p.name for p in write_plots(result, run.path)]
-    atomic_write_text(run.path / REPORT, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(run.path / REPORT, payload)
     return result
 
 

@@ -434,3 +434,16 @@ def test_atomic_write_text_replaces_and_leaves_no_temp(tmp_path):
     atomic_write_text(path, "two")
     assert path.read_text() == "two"
     assert os.listdir(path.parent) == ["manifest.json"]
+
+
+def test_json_outputs_are_strict_json_with_null_for_nan(tmp_path):
+    import json
+    import math
+
+    from lmctk.io import atomic_write_json
+
+    path = tmp_path / "r.json"
+    atomic_write_json(path, {"kl": [0.5, math.nan], "cka": {"layer": math.inf}, "ok": 1})
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"kl": [0.5, None], "cka": {"layer": None}, "ok": 1}

@@ -67,11 +67,11 @@ def _parse_value(raw: str) -> Any:
 
 def write_json(path: Path, payload: dict[str, Any], overwrite: bool) -> None:
     from lmctk.errors import OutputExistsError
-    from lmctk.io import atomic_write_text
+    from lmctk.io import atomic_write_json
 
     if path.exists() and not overwrite:
         raise OutputExistsError(path)
-    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(path, payload)
 
 
 def main(argv: list[str] | None = None) -> int:

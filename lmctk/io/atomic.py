@@ -6,6 +6,8 @@ Readers never see a half-written output: a crash leaves the old output (or nothi
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import uuid
@@ -86,3 +88,24 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
+
+
+def json_text(payload: object, *, indent: int | None = 2) -> str:
+    """Strict JSON for machines: NaN and ±Inf become null (json.dumps would write bare NaN, which
+    strict parsers reject); keys sorted so outputs diff cleanly."""
+    return json.dumps(_finite(payload), indent=indent, sort_keys=True, allow_nan=False)
+
+
+def atomic_write_json(path: str | os.PathLike, payload: object) -> None:
+    """Write `payload` as strict JSON (see `json_text`) atomically."""
+    atomic_write_text(path, json_text(payload) + "\n")
+
+
+def _finite(value: object) -> object:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
