@@ -404,20 +404,17 @@ def _renorm_for(kind: str, model: nn.Module, a: State, b: State, task: Task, dev
 
 def align_states(model: nn.Module, a: State, b: State, task: Task, how: str, *, spec=None, seed: int = 0):
     """B permuted onto A by weight or activation matching, with the MatchResult."""
-    import lmctk.align as align_mod
+    from lmctk.align import activation_matching, apply, weight_matching
     from lmctk.spec import spec_for
 
     if how not in ALIGNS:
         raise ConfigError(f"align: unknown {how!r}; choose one of {', '.join(ALIGNS)} (or None)")
     spec = spec or spec_for(model)
     if how == "weight":
-        match = align_mod.weight_matching(spec, a, b, seed=seed)
+        match = weight_matching(spec, a, b, seed=seed)
     else:
-        matcher = getattr(align_mod, "activation_matching", None)
-        if matcher is None:
-            raise ConfigError("align='activation' is unavailable in this version; use align='weight'")
-        match = matcher(model, spec, a, b, task)
-    return align_mod.apply(spec, b, match), match
+        match = activation_matching(model, spec, a, b, task, seed=seed)
+    return apply(spec, b, match), match
 
 
 def barrier_sweep(
