@@ -287,3 +287,26 @@ def test_unsupported_model_type_names_it_and_how_to_pass_a_spec():
         spec_for(transformers.OPTForCausalLM(config))
     with pytest.raises(ConfigError, match=r"'opt'.*spec="):
         spec_for(config.to_dict())
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_check_on_headless_models_unpermutes_the_residual_output(family):
+    configs = {
+        "gpt2": (transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=32,
+                                         bos_token_id=None, eos_token_id=None), transformers.GPT2Model),
+        "llama": (transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                           num_key_value_heads=2, intermediate_size=64, vocab_size=64),
+                  transformers.LlamaModel),
+        "bert": (transformers.BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                         intermediate_size=64, vocab_size=64, max_position_embeddings=32),
+                 transformers.BertModel),
+    }
+    config, cls = configs[family]
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = cls(config)
+    spec = spec_for(model)
+    assert check(model, spec, output_group="res").max_rel_error <= 1e-5
+    assert check(model, spec).max_rel_error > 1e-2  # hidden states come out permuted by `res`
+    with pytest.raises(ConfigError, match="output_group"):
+        check(model, spec, output_group="nope")

@@ -42,22 +42,32 @@ def example_inputs(model: nn.Module, generator: torch.Generator, batch: int = 3)
 
 
 def _outputs(model: nn.Module, state: dict[str, torch.Tensor], inputs: dict[str, Any]) -> torch.Tensor:
+    """Logits of a model with a head, the last hidden state of a headless HF model, or the tensor returned."""
     out = functional_call(model, state, args=(), kwargs=inputs, tie_weights=False)
-    return (out.logits if hasattr(out, "logits") else out).to(torch.float64)
+    for name in ("logits", "last_hidden_state"):
+        if hasattr(out, name):
+            return getattr(out, name).to(torch.float64)
+    return out.to(torch.float64)
 
 
 @torch.no_grad()
 def output_difference(
     model: nn.Module, state: dict[str, torch.Tensor], other: dict[str, torch.Tensor],
-    inputs: dict[str, Any] | None = None, seed: int = 0,
+    inputs: dict[str, Any] | None = None, seed: int = 0, unpermute: torch.Tensor | None = None,
 ) -> float:
-    """max |y(state) - y(other)| / max |y(state)| on `inputs` (default: a small random batch), eval mode."""
+    """max |y(state) - y(other)| / max |y(state)| on `inputs` (default: a small random batch), eval mode.
+
+    `unpermute` re-orders the last axis of y(other) first (for outputs that carry a permuted group).
+    """
     was_training = model.training
     model.eval()
     try:
         inputs = inputs if inputs is not None else example_inputs(model, torch.Generator().manual_seed(seed))
         reference = _outputs(model, state, inputs)
-        return float((reference - _outputs(model, other, inputs)).abs().max() / reference.abs().max().clamp_min(1e-30))
+        y = _outputs(model, other, inputs)
+        if unpermute is not None:
+            y = y.index_select(-1, unpermute.to(y.device))
+        return float((reference - y).abs().max() / reference.abs().max().clamp_min(1e-30))
     finally:
         model.train(was_training)
 
@@ -71,18 +81,26 @@ def check(
     trials: int = 2,
     seed: int = 0,
     tolerance: float = 1e-5,
+    output_group: str | None = None,
 ) -> CheckResult:
     """Permute the model's state with random perms and compare outputs (eval mode, float64 compare).
 
     Every group of size >= 2 is really moved in every trial, so a wrong spec cannot pass by luck.
-    Relative error = max |y - y_perm| / max |y|. A spec passes when it is <= `tolerance`.
+    Relative error = max |y - y_perm| / max |y|. A spec passes when it is <= `tolerance`. For a model
+    whose output features are themselves permuted (a headless transformer's hidden states: the
+    residual group), name that group as `output_group` and the output is un-permuted before comparing.
     """
+    if output_group is not None and output_group not in spec.groups:
+        raise ConfigError(f"output_group: {output_group!r} is not a group of spec {spec.name}; "
+                          f"choose one of {', '.join(spec.groups)}")
     gen = torch.Generator().manual_seed(seed)
     inputs = inputs if inputs is not None else example_inputs(model, gen)
     state = dict(model.state_dict(keep_vars=False))
     spec.validate({k: v.shape for k, v in state.items()})
     worst = 0.0
     for _ in range(trials):
-        permuted = permute_state(state, spec, random_perms(spec, gen, moving=True))
-        worst = max(worst, output_difference(model, state, permuted, inputs))
+        perms = random_perms(spec, gen, moving=True)
+        permuted = permute_state(state, spec, perms)
+        unpermute = torch.argsort(perms[output_group]) if output_group is not None else None
+        worst = max(worst, output_difference(model, state, permuted, inputs, unpermute=unpermute))
     return CheckResult(worst, trials, tolerance, spec.unpermuted(state.keys()))
