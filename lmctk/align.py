@@ -24,11 +24,12 @@ from lmctk.io import assert_same_shapes, state_device, state_shapes
 from lmctk.spec.core import (
     PermutationSpec,
     Perms,
-    axis_index,
     group_slices,
     groups_in,
     identity_perms,
+    is_identity,
     permute_state,
+    permute_tensor,
 )
 
 State = Mapping[str, torch.Tensor]
@@ -82,56 +83,52 @@ def _slices(spec: PermutationSpec, tensor: torch.Tensor, axes, axis: int, group:
     key = (axes[axis], group)
     if key not in cache:
         flat = group_slices(axes[axis], spec.groups, group).reshape(-1)
-        cache[key] = None if _is_identity(flat) else flat
+        cache[key] = None if is_identity(flat) else flat
     flat = cache[key]
     if flat is not None:  # gather along the original (contiguous) axis, then bring it to the front
         tensor = tensor.index_select(axis, flat.to(tensor.device))
     return tensor.movedim(axis, 0).reshape(spec.groups[group], -1)
 
 
-def _is_identity(index: torch.Tensor) -> bool:
-    return bool(torch.equal(index, torch.arange(index.numel())))
+def similarity(
+    spec: PermutationSpec, a: State, b: State, perms: Perms, group: str,
+    users: list[tuple[str, int]] | None = None,
+) -> torch.Tensor:
+    """S[i, j] = Σ <A slice i, π_{-g}(B) slice j> over the tensors `group` acts on (fp32).
 
-
-def _permute_tensor(tensor: torch.Tensor, axes, spec: PermutationSpec, perms: Perms) -> torch.Tensor:
-    for axis, layout in enumerate(axes):
-        if layout is not None:
-            index = axis_index(layout, spec.groups, perms)
-            if not _is_identity(index):
-                tensor = tensor.index_select(axis, index.to(tensor.device))
-    return tensor
-
-
-def similarity(spec: PermutationSpec, a: State, b: State, perms: Perms, group: str) -> torch.Tensor:
-    """S[i, j] = Σ <A slice i, π_{-g}(B) slice j> over the tensors `group` acts on (fp32)."""
-    users = spec.users()[group]
+    `users` is `spec.users()[group]`, passed by callers that compute the inverse map once.
+    """
+    users = spec.users()[group] if users is None else users
     others = {g: p for g, p in perms.items() if g != group}
     n = spec.groups[group]
-    device = state_device(a)
-    S = torch.zeros(n, n, dtype=torch.float32, device=device)
-    cache: dict = {}
+    S = torch.zeros(n, n, dtype=torch.float32, device=state_device(a))
+    slices: dict = {}
+    indices: dict = {}
     for key, axis in users:
         axes = spec.axes[key]
         ta = a[key].to(torch.float32)
-        tb = _permute_tensor(b[key].to(torch.float32), axes, spec, others)
-        S += _slices(spec, ta, axes, axis, group, cache) @ _slices(spec, tb, axes, axis, group, cache).T
+        tb = permute_tensor(b[key].to(torch.float32), axes, spec.groups, others, indices)
+        S += _slices(spec, ta, axes, axis, group, slices) @ _slices(spec, tb, axes, axis, group, slices).T
     return S
 
 
 def objective(spec: PermutationSpec, a: State, b: State, perms: Perms) -> float:
     """Σ over spec'd parameters (tied aliases once, buffers never) of <A, π(B)>."""
     total = 0.0
+    indices: dict = {}
     for key, axes in spec.axes.items():
         if key in spec.buffers:
             continue
-        tb = _permute_tensor(b[key].to(torch.float32), axes, spec, perms)
+        tb = permute_tensor(b[key].to(torch.float32), axes, spec.groups, perms, indices)
         total += float((a[key].to(torch.float32) * tb).sum())
     return total
 
 
-def independent_rounds(spec: PermutationSpec, order: list[str]) -> list[list[str]]:
+def independent_rounds(
+    spec: PermutationSpec, order: list[str], neighbours: dict[str, set[str]] | None = None
+) -> list[list[str]]:
     """Split a sweep order into rounds of groups that share no tensor (solved in one batch)."""
-    nbrs = spec.neighbours()
+    nbrs = spec.neighbours() if neighbours is None else neighbours
     rounds: list[list[str]] = []
     for g in order:
         if rounds and not (nbrs[g] & set(rounds[-1])):
@@ -165,6 +162,7 @@ def weight_matching(
     device = state_device(a)
     perms = {g: p.to(device) for g, p in (init or identity_perms(spec)).items()}
     rng = random.Random(seed)
+    users, neighbours = spec.users(), spec.neighbours()  # derived once, not per group and sweep
     trace = [objective(spec, a, b, perms)]
     lap_time = sim_time = 0.0
     backends: list[str] = []
@@ -172,9 +170,9 @@ def weight_matching(
     for sweeps in range(1, max_iter + 1):
         order = sorted(spec.groups)
         rng.shuffle(order)
-        for round_ in independent_rounds(spec, order):
+        for round_ in independent_rounds(spec, order, neighbours):
             t0 = time.perf_counter()
-            S = {g: similarity(spec, a, b, perms, g) for g in round_}
+            S = {g: similarity(spec, a, b, perms, g, users[g]) for g in round_}
             sim_time += time.perf_counter() - t0
             by_size: dict[int, list[str]] = {}
             for g in round_:
@@ -186,9 +184,8 @@ def weight_matching(
                 lap_time += time.perf_counter() - t0
                 backends.append(info.backend)
                 for g, p_new in zip(gs, new):
-                    old_score = S[g][torch.arange(len(p_new), device=device), perms[g]].sum()
-                    new_score = S[g][torch.arange(len(p_new), device=device), p_new.to(device)].sum()
-                    if new_score > old_score + tol * max(1.0, abs(float(old_score))):
+                    old_score = float(lap.objective(S[g], perms[g]))
+                    if float(lap.objective(S[g], p_new)) > old_score + tol * max(1.0, abs(old_score)):
                         perms[g] = p_new.to(device)
         trace.append(objective(spec, a, b, perms))
         if trace[-1] <= trace[-2] + tol * max(1.0, abs(trace[-2])):
@@ -269,7 +266,9 @@ def _features(output: Any, out_dim: int) -> torch.Tensor:
     return out.detach().movedim(out_dim, -1).reshape(-1, out.shape[out_dim])
 
 
-def _pooled_similarity(spec: PermutationSpec, correlations: State, group: str) -> torch.Tensor:
+def _pooled_similarity(
+    spec: PermutationSpec, correlations: State, group: str, users: list[tuple[str, int]]
+) -> torch.Tensor:
     """S[i, j] = Σ over all slot pairs (s, t) of C[(i, s), (j, t)], blind to how other groups order
     an element's slots (for one-slot groups it is the exact objective).
 
@@ -277,7 +276,7 @@ def _pooled_similarity(spec: PermutationSpec, correlations: State, group: str) -
     """
     n = spec.groups[group]
     S = torch.zeros(n, n)
-    for key, axis in spec.users()[group]:
+    for key, axis in users:
         idx = group_slices(spec.axes[key][axis], spec.groups, group)
         flat = idx.reshape(-1)
         block = correlations[key][flat][:, flat].reshape(n, idx.shape[1], n, idx.shape[1])
@@ -340,7 +339,9 @@ def activation_matching(
     corr_spec = PermutationSpec(spec.groups, {name: (None, layout) for name, (_, layout) in sites.items()},
                                 name=f"{spec.name} activations")
     identities = {name: torch.eye(c.shape[0]) for name, c in correlations.items()}
-    init = {g: lap.solve(_pooled_similarity(corr_spec, correlations, g), backend=lap_backend) for g in spec.groups}
+    users = corr_spec.users()
+    init = {g: lap.solve(_pooled_similarity(corr_spec, correlations, g, users[g]), backend=lap_backend)
+            for g in spec.groups}
     matched = weight_matching(corr_spec, identities, correlations, init=init, seed=seed, lap_backend=lap_backend)
     return MatchResult(
         perms=matched.perms,
@@ -389,7 +390,9 @@ class PermutedView(Mapping):
         self.spec, self.state, self.perms = spec, state, perms
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        return permute_state({key: self.state[key]}, self.spec, self.perms)[key]
+        axes = self.spec.layout_of(key)
+        value = self.state[key]
+        return value if axes is None else permute_tensor(value, axes, self.spec.groups, self.perms)
 
     def __iter__(self):
         return iter(self.state)

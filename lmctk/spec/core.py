@@ -219,22 +219,42 @@ def group_slices(layout: Layout, groups: Mapping[str, int], group: str) -> torch
     return pos[order].reshape(-1, n).T.contiguous()
 
 
+def is_identity(index: torch.Tensor) -> bool:
+    """Whether an index leaves every position in place (so gathering by it would only copy)."""
+    return bool(torch.equal(index.cpu(), torch.arange(index.numel())))
+
+
+def permute_tensor(
+    tensor: torch.Tensor, axes: Axes, groups: Mapping[str, int], perms: Mapping[str, torch.Tensor],
+    cache: dict | None = None,
+) -> torch.Tensor:
+    """`tensor` with each permuted axis re-ordered by `perms` (absent groups stay in place).
+
+    Axes whose index is the identity are not gathered (no copy); `cache` keeps the index of each
+    layout across the tensors of one call, since many tensors share a layout.
+    """
+    for axis, layout in enumerate(axes):
+        if layout is None:
+            continue
+        if cache is None or layout not in cache:
+            index = axis_index(layout, groups, perms)
+            index = None if is_identity(index) else index
+            if cache is not None:
+                cache[layout] = index
+        else:
+            index = cache[layout]
+        if index is not None:
+            tensor = tensor.index_select(axis, index.to(tensor.device))
+    return tensor
+
+
 def permute_state(state: Mapping[str, torch.Tensor], spec: PermutationSpec, perms: Perms) -> dict[str, torch.Tensor]:
     """Apply `perms` to every tensor the spec covers; other tensors are returned as they are."""
-    cache: dict[Layout, torch.Tensor] = {}
+    cache: dict = {}
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         axes = spec.layout_of(key)
-        if axes is None:
-            out[key] = value
-            continue
-        for axis, layout in enumerate(axes):
-            if layout is None:
-                continue
-            if layout not in cache:
-                cache[layout] = axis_index(layout, spec.groups, perms)
-            value = value.index_select(axis, cache[layout].to(value.device))
-        out[key] = value
+        out[key] = value if axes is None else permute_tensor(value, axes, spec.groups, perms, cache)
     return out
 
 
