@@ -29,12 +29,18 @@ def run_dir_of(path: str | Path) -> Path | None:
     return None
 
 
+def _manifest(run: Path) -> dict[str, Any]:
+    from lmctk.rundir import RunDir
+
+    return RunDir.open(run).manifest()
+
+
 def task_of(path: str | Path) -> tuple[str, dict[str, Any]] | None:
     """The (task name, options) a run dir was trained on, or None for other checkpoints."""
     run = run_dir_of(path)
     if run is None:
         return None
-    task = json.loads((run / "manifest.json").read_text())["config"]
+    task = _manifest(run)["config"]
     return task["task"], task.get("task_options") or {}
 
 
@@ -42,7 +48,7 @@ def model_config_of(path: str | Path) -> Any:
     """What `lmctk.spec.spec_for` accepts for this checkpoint: a run's model config or an HF config dict."""
     run = run_dir_of(path)
     if run is not None:
-        return json.loads((run / "manifest.json").read_text())["model"]
+        return _manifest(run)["model"]
     config = resolve_checkpoint(path) / "config.json"
     if not config.is_file():
         raise ConfigError(f"{path}: no config.json and not an lmctk run dir; cannot tell its architecture")
@@ -52,14 +58,14 @@ def model_config_of(path: str | Path) -> Any:
 def skeleton(path: str | Path, task: Task | None = None) -> nn.Module:
     """A model with the architecture of the checkpoint at `path` (weights to be loaded by the caller).
 
-    For an HF dir whose config names no architecture, the task's kind picks the LM head (causal by default).
+    For an HF dir whose config names no architecture, the task's kind picks the LM head (causal by
+    default). HF models use eager attention, as lmctk's own do: deterministic and vmap-friendly.
     """
     run = run_dir_of(path)
     if run is not None:
         from lmctk.train import TrainConfig, model_skeleton
 
-        config = TrainConfig.from_dict(json.loads((run / "manifest.json").read_text())["config"])
-        return model_skeleton(config, task)
+        return model_skeleton(TrainConfig.from_dict(_manifest(run)["config"]), task)
     config_file = resolve_checkpoint(path) / "config.json"
     if not config_file.is_file():
         raise ConfigError(
@@ -68,7 +74,8 @@ def skeleton(path: str | Path, task: Task | None = None) -> nn.Module:
         )
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(config_file.parent)
+    config = transformers.AutoConfig.from_pretrained(config_file.parent, local_files_only=True)
+    config._attn_implementation = "eager"
     for name in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, name, None)
         if cls is not None:
@@ -98,5 +105,22 @@ def load_model_state(path: str | Path, task: Task | None = None) -> tuple[nn.Mod
     task = task or (get_task(found[0], **found[1]) if found else None)
     model = skeleton(path, task)
     state = load_state(path)
-    model.load_state_dict(state)
+    load_into(model, state, path)
     return model, state, task
+
+
+def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], where: object) -> None:
+    """Load `state` strictly, except that keys tied to a loaded one may be absent (an HF checkpoint
+    saved by `save_pretrained` omits `lm_head.weight` when it is the embedding)."""
+    from lmctk.errors import KeyMismatchError
+
+    missing, unexpected = model.load_state_dict(dict(state), strict=False)
+    if unexpected:
+        raise KeyMismatchError(f"{where}: {len(unexpected)} tensors the model does not have "
+                               f"(e.g. {unexpected[0]}); use checkpoints of one architecture")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {params[k].data_ptr() for k in state if k in params}
+    untied = [k for k in missing if k not in params or params[k].data_ptr() not in loaded]
+    if untied:
+        raise KeyMismatchError(f"{where}: checkpoint lacks {len(untied)} tensors (e.g. {untied[0]}); "
+                               "use checkpoints of one architecture")

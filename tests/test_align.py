@@ -186,3 +186,16 @@ def test_align_cli_writes_an_aligned_model_that_loads_and_matches_streaming(tmp_
     assert again.returncode == 2 and "--overwrite" in again.stderr
     bad = lmctk("align", tmp_path / "s0", tmp_path / "s1", "--method", "magic")
     assert bad.returncode == 2 and "--method" in bad.stderr
+
+
+def test_load_model_state_accepts_a_save_pretrained_dir_without_the_tied_head(tmp_path):
+    import transformers
+
+    from lmctk.loading import load_model_state
+
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16,
+                                     bos_token_id=None, eos_token_id=None)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
+    model, state, task = load_model_state(tmp_path / "hf")
+    assert "lm_head.weight" not in state and task is None
+    assert torch.equal(model.lm_head.weight, state["transformer.wte.weight"])
