@@ -58,8 +58,9 @@ def model_config_of(path: str | Path) -> Any:
 def skeleton(path: str | Path, task: Task | None = None) -> nn.Module:
     """A model with the architecture of the checkpoint at `path` (weights to be loaded by the caller).
 
-    For an HF dir whose config names no architecture, the task's kind picks the LM head (causal by
-    default). HF models use eager attention, as lmctk's own do: deterministic and vmap-friendly.
+    For an HF dir whose config names no architecture, the task's kind picks the LM head (see
+    `models.hf.model_from_config`). HF models use eager attention, as lmctk's own do: deterministic
+    and vmap-friendly.
     """
     run = run_dir_of(path)
     if run is not None:
@@ -74,17 +75,11 @@ def skeleton(path: str | Path, task: Task | None = None) -> nn.Module:
         )
     import transformers
 
+    from lmctk.models.hf import model_from_config
+
     config = transformers.AutoConfig.from_pretrained(config_file.parent, local_files_only=True)
     config._attn_implementation = "eager"
-    for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls(config)
-    kind = task.kind if task is not None else "causal_lm"
-    auto = {"causal_lm": transformers.AutoModelForCausalLM, "masked_lm": transformers.AutoModelForMaskedLM}
-    if kind not in auto:
-        raise ConfigError(f"{path}: config.json names no architecture for a {kind} task; add 'architectures'")
-    return auto[kind].from_config(config)
+    return model_from_config(config, task.kind if task is not None and task.kind != "classification" else None)
 
 
 def resolve_task(task: str | Task | None, options: Mapping[str, Any] | None, paths: Sequence[str | Path]) -> Task:

@@ -123,3 +123,24 @@ def build_hf(name: str, **options: Any) -> nn.Module:
     import transformers
 
     return getattr(transformers, FAMILIES[name].model_class)(hf_config(name, options))
+
+
+def model_from_config(config: Any, kind: str | None = None) -> nn.Module:
+    """A freshly initialised model for a transformers config: the class its `architectures` names, else
+    the LM head for `kind` ("causal_lm" or "masked_lm"; by default masked for BERT, causal otherwise)."""
+    import transformers
+
+    from lmctk.errors import ConfigError
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls(config)
+    kind = kind or ("masked_lm" if config.model_type == "bert" else "causal_lm")
+    auto = {"causal_lm": transformers.AutoModelForCausalLM, "masked_lm": transformers.AutoModelForMaskedLM}
+    if kind not in auto:
+        raise ConfigError(f"config: names no architecture for a {kind} model; add 'architectures' to config.json")
+    try:
+        return auto[kind].from_config(config)
+    except ValueError:  # a family without that head: the base model
+        return transformers.AutoModel.from_config(config)

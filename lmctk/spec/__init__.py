@@ -45,21 +45,13 @@ def _module_from_config(config: Any) -> nn.Module:
             return build_model(config["name"], **config["options"])
         import transformers
 
+        from lmctk.models.hf import model_from_config
+
         if isinstance(config, dict):
             if "model_type" not in config:
                 raise ConfigError("config: no 'model_type' field; give a Hugging Face config.json or a model")
             config = transformers.AutoConfig.for_model(**config)
-        classes = getattr(config, "architectures", None) or []
-        for name in classes:
-            cls = getattr(transformers, name, None)
-            if cls is not None:
-                return cls(config)
-        # a config made in code names no architecture: take the family's LM, as lmctk trains it
-        auto = transformers.AutoModelForMaskedLM if config.model_type == "bert" else transformers.AutoModelForCausalLM
-        try:
-            return auto.from_config(config)
-        except ValueError:
-            return transformers.AutoModel.from_config(config)
+        return model_from_config(config)
 
 
 def spec_for(model_or_config: nn.Module | Any) -> PermutationSpec:
