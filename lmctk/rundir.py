@@ -14,12 +14,12 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from lmctk.errors import ConfigError, MissingPathError, OutputExistsError
 from lmctk.io import atomic_write_text
+from lmctk.io.journal import append_journal, read_journal
 
 MANIFEST = "manifest.json"
 JOURNAL = "metrics.jsonl"
@@ -116,17 +116,8 @@ class RunDir:
             raise ConfigError(f"{self.manifest_path}: broken JSON ({e.msg}); the run dir is damaged") from e
 
     def append(self, record: dict[str, Any]) -> None:
-        """Append one record to the journal as a single O_APPEND write, fsynced before returning, so
-        several ranks can append to one journal and a kill never leaves more than a torn last line."""
-        data = (json.dumps(record, sort_keys=True) + "\n").encode()
-        fd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        """Append one record to the journal (see `lmctk.io.journal`: fsynced, safe for several ranks)."""
+        append_journal(self.journal_path, record)
 
     def records(self) -> list[dict[str, Any]]:
         """All complete journal records in order; a torn final line (a kill mid-write) is skipped."""
@@ -146,30 +137,6 @@ class RunDir:
                 if (d / "model.safetensors").is_file() or (d / "model.safetensors.index.json").is_file():
                     steps.append(int(d.name[4:]))
         return sorted(steps)
-
-
-def read_journal(path: Path) -> Iterator[dict[str, Any]]:
-    """Yield the records of a JSONL journal, skipping a torn last line."""
-    if not path.is_file():
-        return
-    lines = path.read_text(encoding="utf-8").split("\n")
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
-            if i >= len(lines) - 2:  # the last (unterminated) line of a killed writer
-                return
-            raise ConfigError(f"{path}: line {i + 1} is not JSON; the journal is damaged") from None
-
-
-def latest_by_key(records: Iterable[dict[str, Any]], keys: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Keep the last record for each combination of `keys` (a resumed run re-writes some steps)."""
-    out: dict[tuple, dict[str, Any]] = {}
-    for r in records:
-        out[tuple(r.get(k) for k in keys)] = r
-    return list(out.values())
 
 
 def timestamp() -> str:

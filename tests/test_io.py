@@ -25,6 +25,7 @@ from lmctk.errors import (
     UnknownFormatError,
 )
 from lmctk.io import (
+    LazyState,
     assert_same_keys,
     assert_same_shapes,
     atomic_write_text,
@@ -159,6 +160,33 @@ def test_pytorch_model_bin_dirs_single_and_sharded(tmp_path):
     (sharded / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     assert_bitwise_equal(load_state(sharded), state)
     assert inspect_checkpoint(sharded).format == "hf-sharded-bin"
+
+
+def test_lazy_state_reads_every_shard_of_a_sharded_bin_dir_and_locates_once(tmp_path, monkeypatch):
+    state = small_state()
+    sharded = tmp_path / "bin_sharded"
+    sharded.mkdir()
+    names = list(state)
+    halves = {"pytorch_model-00001-of-00002.bin": names[:3], "pytorch_model-00002-of-00002.bin": names[3:]}
+    for file, keys in halves.items():
+        torch.save({k: state[k] for k in keys}, sharded / file)
+    weight_map = {k: file for file, keys in halves.items() for k in keys}
+    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    lazy = LazyState(sharded)
+    import lmctk.io.layout
+
+    monkeypatch.setattr(lmctk.io.layout, "_read_index", lambda *a: pytest.fail("located again on access"))
+    assert_bitwise_equal({k: lazy[k] for k in lazy}, state)
+    lazy["layers.1.weight"].zero_()  # the caller's own copy: the next read is unchanged
+    assert torch.equal(lazy["layers.1.weight"], state["layers.1.weight"])
+
+
+def test_lazy_state_checks_nan_on_read(tmp_path):
+    path = save_state(small_state() | {"layers.1.weight": torch.tensor([1.0, float("nan")])}, tmp_path / "nan.safetensors")
+    lazy = LazyState(path)
+    assert torch.equal(lazy["embed.weight"], small_state()["embed.weight"])
+    with pytest.raises(NonFiniteError, match=r"nan\.safetensors: tensor layers\.1\.weight has 1 NaN/Inf"):
+        lazy["layers.1.weight"]
 
 
 def test_run_dir_resolves_to_highest_step_checkpoint(tmp_path):

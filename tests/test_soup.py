@@ -484,3 +484,39 @@ def test_soupable_refuses_independent_inits_even_with_a_low_barrier(gpt2_dirs, c
     out = capsys.readouterr().out
     assert code == 3
     assert "not soupable: ingredients 1 and 2 do not share an initialisation" in out.replace("\n", " ")
+
+
+def test_cli_flags_are_checked_like_recipe_keys(gpt2_dirs, tmp_path, capsys):
+    out = tmp_path / "soup"
+    assert main(["soup", *map(str, gpt2_dirs[:2]), "--out", str(out), "--metric", "foo"]) == 2
+    err = capsys.readouterr().err
+    assert "soup.metric" in err and "'foo'" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_resume_without_an_interrupted_write_fails_before_greedy_selection(gpt2_dirs, tmp_path, monkeypatch):
+    import lmctk.soup.run
+
+    monkeypatch.setattr(lmctk.soup.run, "greedy_soup", lambda *a, **k: pytest.fail("selection ran"))
+    monkeypatch.setattr(lmctk.soup.run, "_scorer", lambda *a, **k: pytest.fail("scorer built"))
+    with pytest.raises(ConfigError, match="no interrupted write"):
+        soup_files(_recipe(gpt2_dirs, tmp_path / "never", method="greedy", task="text"), resume=True)
+
+
+def test_aligned_and_streamed_soups_cast_the_fp32_mean_once(tmp_path):
+    from lmctk.soup.run import _write_aligned
+    from lmctk.soup.write import write_soup
+
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"{i}.safetensors")
+        save_file({"w": torch.randn(64, 8, generator=g).to(torch.bfloat16)}, paths[-1])
+    plan = plan_soup(paths, dtype="float32")
+    exact = (load_state(paths[0])["w"].float() + load_state(paths[1])["w"].float()) / 2
+    _write_aligned(plan, tmp_path / "aligned", [(lambda p=p: load_state(p), 1.0) for p in paths], "card")
+    write_soup(plan, tmp_path / "streamed")
+    for out in ("aligned", "streamed"):
+        got = load_state(tmp_path / out)["w"]
+        assert got.dtype == torch.float32 and torch.equal(got, exact), out
+    assert not torch.equal(exact, exact.to(torch.bfloat16).float())  # bf16 rounding would show

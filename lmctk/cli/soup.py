@@ -20,6 +20,45 @@ def _weights(text: Optional[str]) -> Optional[list[float]]:
         raise ConfigError(f"--weights: '{text}' is not a comma-separated list of numbers (e.g. 0.5,0.3,0.2)") from None
 
 
+def _recipe(
+    checkpoints: list[Path] | None, recipe: Path | None, weights: list[float] | None, flags: dict,
+    task: str | None, task_options: dict,
+):
+    """The recipe file (or the checkpoints) with the flags set on top, parsed by the same strict schema."""
+    from dataclasses import asdict
+
+    from lmctk.recipes import parse
+    from lmctk.soup import SoupRecipe, load_soup_recipe
+
+    if recipe is not None:
+        if checkpoints:
+            raise ConfigError("checkpoints: give them in the recipe or on the command line, not both")
+        data = asdict(load_soup_recipe(recipe))
+    elif not checkpoints:
+        raise ConfigError("checkpoints: give at least 2 checkpoints, or --recipe FILE.toml")
+    else:
+        data = {"soup": {"ingredients": [{"path": str(p)} for p in checkpoints]}, "task": None}
+    spec = data["soup"]
+    spec.update({key: str(v) if isinstance(v, Path) else v for key, v in flags.items() if v is not None})
+    if weights is not None:
+        if len(weights) != len(spec["ingredients"]):
+            raise ConfigError(f"--weights: {len(weights)} weights for {len(spec['ingredients'])} checkpoints; give one per checkpoint")
+        for ingredient, weight in zip(spec["ingredients"], weights):
+            ingredient["weight"] = weight
+        if flags["method"] is None:
+            spec["method"] = "weighted"
+    elif spec.get("method", "uniform") != "weighted":  # the CLI chose another method: the recipe's weights go
+        for ingredient in spec["ingredients"]:
+            ingredient.pop("weight", None)
+    if task is not None:
+        data["task"] = {"name": task, "options": task_options}
+    elif task_options:
+        if data["task"] is None:
+            raise ConfigError("--task-opt: give --task too")
+        data["task"]["options"].update(task_options)
+    return parse(data, SoupRecipe)
+
+
 @app.command()
 def soup(
     checkpoints: list[Path] = typer.Argument(None, help="Run dirs (latest checkpoint), HF model dirs or weight files."),
@@ -41,54 +80,11 @@ def soup(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
 ) -> None:
     """Average checkpoints (uniform, weighted or greedy) into an HF model dir, streamed tensor by tensor."""
-    from lmctk.soup import (
-        IngredientSpec,
-        SoupRecipe,
-        SoupSpec,
-        TaskSpec,
-        load_soup_recipe,
-        soup_files,
-    )
+    from lmctk.soup import soup_files
 
-    if recipe is not None:
-        base = load_soup_recipe(recipe)
-        if checkpoints:
-            raise ConfigError("checkpoints: give them in the recipe or on the command line, not both")
-    else:
-        if not checkpoints:
-            raise ConfigError("checkpoints: give at least 2 checkpoints, or --recipe FILE.toml")
-        base = SoupRecipe(SoupSpec([IngredientSpec(str(p)) for p in checkpoints]))
-    spec = base.soup
-    ingredients = spec.ingredients
-    weight_list = _weights(weights)
-    if weight_list is not None:
-        if len(weight_list) != len(ingredients):
-            raise ConfigError(f"--weights: {len(weight_list)} weights for {len(ingredients)} checkpoints; give one per checkpoint")
-        ingredients = [IngredientSpec(i.path, w) for i, w in zip(ingredients, weight_list)]
-    chosen = method or ("weighted" if weight_list is not None else spec.method)
-    if chosen != "weighted" and weight_list is None:  # the CLI chose another method: the recipe's weights go
-        ingredients = [IngredientSpec(i.path) for i in ingredients]
-    task_spec = base.task
-    if task is not None:
-        task_spec = TaskSpec(task, parse_options(task_opt, "--task-opt"))
-    elif task_opt:
-        if task_spec is None:
-            raise ConfigError("--task-opt: give --task too")
-        task_spec = TaskSpec(task_spec.name, {**task_spec.options, **parse_options(task_opt, "--task-opt")})
-    final = SoupRecipe(
-        SoupSpec(
-            ingredients,
-            out=str(out) if out is not None else spec.out,
-            method=chosen,
-            dtype=dtype or spec.dtype,
-            shard_size=shard_size or spec.shard_size,
-            tokenizer_from=tokenizer_from or spec.tokenizer_from,
-            align_to=str(align_to) if align_to is not None else spec.align_to,
-            metric=metric or spec.metric,
-            tolerance=spec.tolerance if tolerance is None else tolerance,
-        ),
-        task_spec,
-    )
+    flags = {"out": out, "method": method, "dtype": dtype, "shard_size": shard_size, "tokenizer_from": tokenizer_from,
+             "align_to": align_to, "metric": metric, "tolerance": tolerance}
+    final = _recipe(checkpoints, recipe, _weights(weights), flags, task, parse_options(task_opt, "--task-opt"))
     if json_out and json_out.exists() and not overwrite:
         from lmctk.errors import OutputExistsError
 

@@ -37,11 +37,9 @@ def load_state(
         if absent:
             raise layout.absent(file, absent)
         for name, tensor in part.items():
-            if cast is not None and tensor.is_floating_point():
-                tensor = tensor.to(cast)
-            tensor = tensor.to(device)
+            tensor = tensor.to(device=device, dtype=cast if tensor.is_floating_point() else None)
             if check_finite:
-                _require_finite(file, name, tensor)
+                require_finite(file, name, tensor)
             state[name] = tensor
     return state
 
@@ -57,11 +55,12 @@ def _read_safetensors(file: Path, names: list[str] | None) -> dict[str, torch.Te
 
 
 def _read_torch(file: Path, names: list[str] | None) -> dict[str, torch.Tensor]:
-    state = load_torch_state(file)[0]
+    state = load_torch_state(file, mmap=names is not None)[0]  # mmap: read only the wanted tensors
     return state if names is None else {n: state[n] for n in names if n in state}
 
 
-def _require_finite(file: Path, name: str, tensor: torch.Tensor) -> None:
+def require_finite(file: Path, name: str, tensor: torch.Tensor) -> None:
+    """Raise NonFiniteError naming `file` and `name` if the float tensor holds NaN or Inf."""
     if tensor.is_floating_point() or tensor.is_complex():
         values = tensor if tensor.element_size() > 1 else tensor.float()  # isfinite lacks float8 kernels
         n_bad = tensor.numel() - int(torch.isfinite(values).sum())

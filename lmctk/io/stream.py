@@ -23,6 +23,7 @@ import torch
 from lmctk.errors import ConfigError, OutputExistsError
 from lmctk.io.atomic import _commit, fsync_path
 from lmctk.io.header import _DTYPES
+from lmctk.io.journal import append_journal, read_journal
 from lmctk.io.sizes import parse_size
 from lmctk.io.write import (
     metadata_with_format,
@@ -107,7 +108,7 @@ def stream_hf_dir(
                     progress(tensor_name, written, total)
             f.flush()
             os.fsync(f.fileno())
-        _journal(tmp, {"shard": name, "bytes": (tmp / name).stat().st_size})
+        append_journal(tmp / JOURNAL, {"shard": name, "bytes": (tmp / name).stat().st_size})
     for name, data in (files or {}).items():
         (tmp / name).write_bytes(data)
         fsync_path(tmp / name)
@@ -153,7 +154,7 @@ def _fresh(tmp: Path, fingerprint: str) -> set[str]:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    _journal(tmp, {"plan": fingerprint})
+    append_journal(tmp / JOURNAL, {"plan": fingerprint})
     return set()
 
 
@@ -162,22 +163,9 @@ def _resume(tmp: Path, fingerprint: str) -> set[str]:
     journal = tmp / JOURNAL
     if not journal.is_file():
         raise ConfigError(f"{tmp}: no interrupted write to resume here; run without --resume")
-    records = []
-    for line in journal.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a torn last line from a kill mid-append
-            break
+    records = list(read_journal(journal))
     if not records or records[0].get("plan") != fingerprint:
         raise ConfigError(
             f"{tmp}: the interrupted write was for different inputs or options; drop --resume to start over"
         )
-    done = {r["shard"] for r in records[1:] if (tmp / r["shard"]).is_file() and (tmp / r["shard"]).stat().st_size == r["bytes"]}
-    return done
-
-
-def _journal(tmp: Path, record: dict) -> None:
-    with open(tmp / JOURNAL, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    return {r["shard"] for r in records[1:] if (tmp / r["shard"]).is_file() and (tmp / r["shard"]).stat().st_size == r["bytes"]}

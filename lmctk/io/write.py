@@ -24,9 +24,7 @@ from lmctk.io.sizes import parse_size
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -36,6 +34,7 @@ SIDE_FILES = (
     "vocab.txt",
     "added_tokens.json",
 )
+SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 
 
 def save_state(
@@ -159,6 +158,7 @@ def config_json(config: Any) -> str:
 
 
 def side_files(source: Path) -> list[Path]:
+    """The config, generation and tokenizer files present in the HF model dir `source`."""
     if not source.is_dir():
         raise ConfigError(f"source_dir: {source} is not a directory; give the HF model dir the weights came from")
     return [source / name for name in SIDE_FILES if (source / name).is_file()]

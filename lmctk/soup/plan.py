@@ -25,23 +25,18 @@ from lmctk.io import (
     format_bytes,
     inspect_checkpoint,
     parse_size,
-    resolve_checkpoint,
 )
+from lmctk.io.write import TOKENIZER_FILES, plan_shards
 
 METHODS = ("uniform", "weighted", "greedy")
 DTYPES = ("float32", "bfloat16", "float16")
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-    "tokenizer.model", "vocab.txt", "added_tokens.json",
-)
 
 
 @dataclass
 class Ingredient:
-    """One input checkpoint: as given, where its weights are, its header info, weight and tokenizer hashes."""
+    """One input checkpoint: as given, its header info (`info.path`: where its weights are), weight and tokenizer hashes."""
 
     path: Path
-    resolved: Path
     info: CheckpointInfo
     weight: float = 1.0
     tokenizer: dict[str, str] = field(default_factory=dict)  # file name -> sha256
@@ -49,7 +44,7 @@ class Ingredient:
 
     @property
     def dir(self) -> Path | None:
-        return self.resolved if self.resolved.is_dir() else None
+        return self.info.path if self.info.path.is_dir() else None
 
 
 @dataclass
@@ -65,13 +60,12 @@ class SoupPlan:
     tokenizer_source: int | None  # ingredient index whose tokenizer/config files are copied
     peak_bytes: int
     output_bytes: int
-    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": self.method,
             "ingredients": [
-                {"path": str(i.path), "resolved": str(i.resolved), "format": i.info.format, "tensors": len(i.info.tensors),
+                {"path": str(i.path), "resolved": str(i.info.path), "format": i.info.format, "tensors": len(i.info.tensors),
                  "params": i.info.num_params, "bytes": i.info.total_bytes, "dtypes": sorted({t.dtype for t in i.info.tensors}),
                  "weight": w, "tokenizer": i.tokenizer}
                 for i, w in zip(self.ingredients, self.weights)
@@ -82,7 +76,6 @@ class SoupPlan:
             "estimated_peak_bytes": self.peak_bytes,
             "greedy_selection_bytes": self.selection_bytes,
             "output_bytes": self.output_bytes,
-            "notes": self.notes,
         }
 
     def __rich__(self):
@@ -106,8 +99,14 @@ class SoupPlan:
         if self.method == "greedy":
             lines.append(f"greedy selection: about {format_bytes(self.selection_bytes)} more (the running fp32 sum, "
                          "one candidate and one trial average, plus the model being evaluated), then the write streams")
-        lines += [f"note: {n}" for n in self.notes]
         return Group(t, Text("\n".join(lines)))
+
+    def mix(self, kept: Sequence[int] | None = None) -> list[tuple[int, float]]:
+        """The (ingredient index, raw weight) pairs the soup averages: the `kept` ones uniformly (greedy),
+        else every ingredient with a positive weight (1.0 each for uniform, so it is exactly Σθᵢ/n)."""
+        if kept is not None:
+            return [(i, 1.0) for i in kept]
+        return [(i, ing.weight) for i, ing in enumerate(self.ingredients) if ing.weight > 0]
 
     @property
     def selection_bytes(self) -> int:
@@ -119,8 +118,6 @@ class SoupPlan:
 
     @property
     def num_shards(self) -> int:
-        from lmctk.io.write import plan_shards
-
         return len(plan_shards({s.name: s.nbytes for s in self.slots}, self.shard_size))
 
 
@@ -145,13 +142,13 @@ def plan_soup(
     infos = [i.info for i in ingredients]
     check_compatible(infos)
     _check_dtypes(ingredients)
-    source, notes = _tokenizer_source(ingredients, tokenizer_from)
+    source = _tokenizer_source(ingredients, tokenizer_from)
     slots = _slots(ingredients[0].info, dtype)
     total = sum(weights)
     size = parse_size(shard_size)
     return SoupPlan(
         ingredients, method, [w / total for w in weights], slots, dtype, size, source,
-        _peak(ingredients, slots), sum(s.nbytes for s in slots), notes,
+        _peak(ingredients, slots), sum(s.nbytes for s in slots),
     )
 
 
@@ -170,8 +167,8 @@ def _weights(method: str, weights: list[float] | None, n: int) -> list[float]:
 
 
 def _ingredient(path: Path, weight: float) -> Ingredient:
-    resolved = resolve_checkpoint(path)
     info = inspect_checkpoint(path)
+    resolved = info.path
     tokenizer: dict[str, str] = {}
     vocab = None
     if resolved.is_dir():
@@ -183,7 +180,7 @@ def _ingredient(path: Path, weight: float) -> Ingredient:
                 vocab = json.loads((resolved / "config.json").read_text()).get("vocab_size")
             except ValueError:
                 raise ConfigError(f"{resolved / 'config.json'}: not valid JSON; fix or remove it") from None
-    return Ingredient(path, resolved, info, weight, tokenizer, vocab)
+    return Ingredient(path, info, weight, tokenizer, vocab)
 
 
 def _check_dtypes(ingredients: list[Ingredient]) -> None:
@@ -199,13 +196,12 @@ def _is_float(name: str) -> bool:
     return getattr(torch, name).is_floating_point
 
 
-def _tokenizer_source(ingredients: list[Ingredient], tokenizer_from: str | None) -> tuple[int | None, list[str]]:
+def _tokenizer_source(ingredients: list[Ingredient], tokenizer_from: str | None) -> int | None:
     """Index of the ingredient whose tokenizer/config the soup copies; raise on an unresolved mismatch."""
-    notes: list[str] = []
     vocabs = {i.vocab_size for i in ingredients if i.vocab_size is not None}
     differs = next((n for n, i in enumerate(ingredients[1:], start=1) if i.tokenizer != ingredients[0].tokenizer), None)
     if tokenizer_from is not None:
-        return _named(ingredients, tokenizer_from), notes
+        return _named(ingredients, tokenizer_from)
     if len(vocabs) > 1:
         raise ConfigError(f"vocab_size differs between ingredients ({sorted(vocabs)}); they cannot be souped")
     if differs is not None:
@@ -215,14 +211,14 @@ def _tokenizer_source(ingredients: list[Ingredient], tokenizer_from: str | None)
             f"tokenizer differs between ingredient 1 and {differs + 1} ({', '.join(files)}); "
             "pass --tokenizer-from N (the ingredient whose tokenizer the soup keeps) if they share a vocabulary"
         )
-    return (0 if ingredients[0].dir else None), notes
+    return 0 if ingredients[0].dir else None
 
 
 def _named(ingredients: list[Ingredient], name: str) -> int:
     if name.isdigit() and 1 <= int(name) <= len(ingredients):
         return int(name) - 1
     for n, ing in enumerate(ingredients):
-        if Path(name) in (ing.path, ing.resolved) or Path(name).resolve() in (ing.path.resolve(), ing.resolved.resolve()):
+        if Path(name) in (ing.path, ing.info.path) or Path(name).resolve() in (ing.path.resolve(), ing.info.path.resolve()):
             return n
     raise ConfigError(f"--tokenizer-from: {name!r} is not an ingredient; give its number (1..{len(ingredients)}) or path")
 

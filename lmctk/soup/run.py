@@ -16,17 +16,11 @@ from typing import Any
 import torch
 
 from lmctk.errors import ConfigError
-from lmctk.io import (
-    TensorSlot,
-    atomic_write_text,
-    load_state,
-    partial_dir,
-    stream_hf_dir,
-)
+from lmctk.io import atomic_write_text, load_state, partial_dir
 from lmctk.soup.core import GreedyResult, RunningSum, greedy_soup
 from lmctk.soup.plan import SoupPlan, plan_soup
 from lmctk.soup.recipe import SoupRecipe
-from lmctk.soup.write import model_card, side_files, write_soup
+from lmctk.soup.write import model_card, stream_soup, write_soup
 
 
 @dataclass
@@ -110,6 +104,8 @@ def soup_files(
         from lmctk.errors import OutputExistsError
 
         raise OutputExistsError(out)
+    if resume and not dry_run and not partial_dir(out).exists():  # before the (expensive) greedy selection
+        raise ConfigError(f"{partial_dir(out)}: no interrupted write to resume here; run without --resume")
     needs_task = spec.method == "greedy"
     if needs_task and recipe.task is None and _task_from_runs(paths) is None:
         raise ConfigError("--task: the greedy soup scores ingredients on a task's val split; e.g. --task digits")
@@ -123,7 +119,6 @@ def soup_files(
         return SoupResult(plan, out, list(range(len(paths))), dry_run=True)
     assert out is not None
     align = _aligner(spec.align_to) if spec.align_to else None
-    resumed = resume and partial_dir(out).exists()
     greedy = None
     scorer = _scorer(recipe, paths) if (needs_task or recipe.task is not None) else None
     if spec.method == "greedy":
@@ -133,16 +128,15 @@ def soup_files(
                              metric=f"val {scorer.metric}", keep_state=False)
         kept = greedy.kept
     else:
-        kept = [i for i, w in enumerate(plan.weights) if w > 0]
-    result = SoupResult(plan, out, kept, greedy, resumed=resumed)
+        kept = [i for i, _ in plan.mix()]
+    result = SoupResult(plan, out, kept, greedy, resumed=resume)
     selected = kept if spec.method == "greedy" else None
     card = model_card(plan, recipe.to_toml(), table=_greedy_table(result), kept=selected)
     if align is None:
         write_soup(plan, out, selected=selected, card=card,
                    overwrite=overwrite, resume=resume, progress=progress)
     else:
-        weights = [1.0 if spec.method != "weighted" else plan.ingredients[i].weight for i in kept]
-        _write_aligned(plan, out, [_loader(paths[i], align) for i in kept], weights, card,
+        _write_aligned(plan, out, [(_loader(paths[i], align), w) for i, w in plan.mix(selected)], card,
                        overwrite=overwrite, resume=resume, progress=progress)
     if scorer is not None:
         result.scores = _scores(scorer, plan, kept, out)
@@ -182,33 +176,37 @@ def _align_spec(reference: Path):
 
 
 def _aligner(reference: str):
-    """A function (path, state) -> state permuted onto `reference` by weight matching."""
+    """A function (path, state) -> state permuted onto `reference` by weight matching.
+
+    The permutations are memoised per resolved path: re-loading an ingredient (greedy scoring, trials,
+    the write) only re-applies them.
+    """
     from lmctk.align import apply, weight_matching
 
-    ref_path = Path(reference)
+    ref_path = Path(reference).resolve()
     spec = _align_spec(ref_path)
     ref_state = {k: v.float() for k, v in load_state(ref_path).items()}
+    perms: dict[Path, Any] = {}
 
     def align(path: Path, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if path.resolve() == ref_path.resolve():
+        key = path.resolve()
+        if key == ref_path:
             return state
-        floats = {k: v.float() for k, v in state.items()}
-        return apply(spec, state, weight_matching(spec, ref_state, floats))
+        if key not in perms:
+            perms[key] = weight_matching(spec, ref_state, {k: v.float() for k, v in state.items()}).perms
+        return apply(spec, state, perms[key])
 
     return align
 
 
-def _write_aligned(plan: SoupPlan, out: Path, loaders, weights, card: str, **kwargs) -> Path:
+def _write_aligned(plan: SoupPlan, out: Path, mix: list[tuple[Callable[[], dict], float]], card: str, **kwargs) -> Path:
+    """Average the aligned states of `mix` (loader, weight) in memory, then stream it cast once from fp32."""
     soup = RunningSum()
-    for load, weight in zip(loaders, weights):
+    for load, weight in mix:
         soup.add(load(), weight)
-    mean = soup.mean()
+    mean = soup.mean(torch.float32)  # one cast, fp32 -> slot dtype, per tensor (not via the inputs' dtype)
     dtypes = {s.name: s.dtype for s in plan.slots}
-    files = side_files(plan)
-    files["README.md"] = card.encode("utf-8")
-    slots: list[TensorSlot] = plan.slots
-    return stream_hf_dir(out, slots, lambda name: mean[name].to(dtypes[name]), shard_size=plan.shard_size,
-                         files=files, metadata={"lmctk": f"{plan.method} soup"}, **kwargs)
+    return stream_soup(plan, out, lambda name: mean[name].to(dtypes[name]), card, **kwargs)
 
 
 def _scores(scorer, plan: SoupPlan, kept: list[int], out: Path) -> dict[str, dict[str, dict[str, float]]]:

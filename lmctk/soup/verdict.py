@@ -20,8 +20,9 @@ import torch
 from lmctk.errors import ConfigError
 from lmctk.io import assert_same_shapes, load_state
 from lmctk.soup.core import GreedyResult, greedy_soup, uniform_soup
-from lmctk.interp import alpha_grid, barriers, lerp
+from lmctk.interp import alpha_grid, barriers, evaluate_path
 from lmctk.loading import resolve_task
+from lmctk.metrics import distances
 from lmctk.soup.evaluate import Scorer
 
 SHARED_INIT_COSINE = 0.5  # weight cosine below which two checkpoints are taken to come from different inits
@@ -159,18 +160,19 @@ def _floats(state: State) -> list[str]:
 
 def _barrier(scorer: Scorer, a: State, b: State, loss_a: float, loss_b: float, points: int | None) -> dict[str, float]:
     """Mean-endpoint loss barrier on val: at α=½, and with `points` over the whole α grid."""
-    mean = 0.5 * (loss_a + loss_b)
-    out = {"midpoint": scorer.metrics(lerp(a, b, 0.5), scorer.split)["loss"] - mean}
+    alphas = alpha_grid(points) if points else [0.0, 1.0]
+    inner = sorted({*alphas[1:-1], 0.5})  # the endpoints' losses are known; ½ once, on the grid or not
+    metrics, _ = evaluate_path(scorer.model, a, b, inner, scorer.task, split=scorer.split)
+    loss = {x: m["loss"] for x, m in zip(inner, metrics)}
+    out = {"midpoint": loss[0.5] - 0.5 * (loss_a + loss_b)}
     if points:
-        alphas = alpha_grid(points)
-        inner = [scorer.metrics(lerp(a, b, x), scorer.split)["loss"] for x in alphas[1:-1]]
-        curve = [loss_a, *inner, loss_b]
+        curve = [loss_a, *(loss[x] for x in alphas[1:-1]), loss_b]
         out["max"] = max(out["midpoint"], barriers(alphas, curve)["mean_endpoint"])
     return out
 
 
 def _cosines(states: Sequence[State], matrices_only: bool = False) -> list[list[float]]:
-    """Pairwise cosine similarity of the flattened float tensors (or only those with 2+ dims).
+    """Pairwise cosine similarity of the flattened float tensors (or only those with 2+ dims), per pair.
 
     The shared-init check uses matrices only: norm gains (all ones at init) and biases would make
     two independent inits look alike.
@@ -178,9 +180,12 @@ def _cosines(states: Sequence[State], matrices_only: bool = False) -> list[list[
     keys = _floats(states[0])
     if matrices_only and any(states[0][k].ndim >= 2 for k in keys):
         keys = [k for k in keys if states[0][k].ndim >= 2]
-    flat = torch.stack([torch.cat([s[k].reshape(-1).double() for k in keys]) for s in states])
-    flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    return (flat @ flat.T).tolist()
+    n = len(states)
+    out = [[1.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i + 1, n):
+            out[i][j] = out[j][i] = distances(states[i], states[j], keys)["cosine"]
+    return out
 
 
 def _explain(scorer: Scorer, barriers, threshold, greedy: GreedyResult, models, best: int, n: int) -> tuple[bool, str]:

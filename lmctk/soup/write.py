@@ -12,47 +12,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from lmctk.errors import ConfigError, NonFiniteError
+from lmctk.errors import ConfigError
 from lmctk.io import stream_hf_dir
-from lmctk.io.header import corrupt
-from lmctk.io.layout import locate
-from lmctk.io.torchfile import load_torch_state
-from lmctk.soup.plan import TOKENIZER_FILES, Ingredient, SoupPlan
-
-SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
-
-
-class TensorReader:
-    """Reads one tensor at a time from a checkpoint; safetensors files are opened per read and closed.
-
-    Closing after each read unmaps the file, so pages read from earlier tensors do not stay resident.
-    Torch files (.pt/.bin) have no random access: they are memory-mapped once and kept open.
-    Every tensor returned is the caller's own (never a view of a cached state), so it may be changed in place.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.layout = locate(path)
-        self.file_of = dict(self.layout.weight_map) if self.layout.index is not None else {}
-        self._torch: dict[str, torch.Tensor] | None = None
-
-    def get(self, name: str) -> torch.Tensor:
-        if not self.layout.is_safetensors:
-            if self._torch is None:
-                self._torch = load_torch_state(self.layout.files[0], mmap=True)[0]
-            return self._torch[name].clone()
-        file = self.file_of.get(name, self.layout.files[0])
-        try:
-            with safe_open(file, framework="pt") as f:
-                tensor = f.get_tensor(name)
-        except SafetensorError as exc:
-            raise corrupt(file, f"safetensors cannot read {name} ({exc})") from exc
-        return tensor
-
-    def where(self, name: str) -> Path:
-        """The file that holds tensor `name`."""
-        return self.file_of.get(name, self.layout.files[0])
+from lmctk.io.info import dtype_name
+from lmctk.io.lazy import TensorReader
+from lmctk.io.read import require_finite
+from lmctk.io.write import SIDE_FILES
+from lmctk.soup.plan import SoupPlan
 
 
 def soup_tensor(name: str, readers: Sequence[TensorReader], weights: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
@@ -83,10 +50,7 @@ def soup_tensor(name: str, readers: Sequence[TensorReader], weights: Sequence[fl
 
 def _raise_non_finite(name: str, readers: Sequence[TensorReader]) -> None:
     for reader in readers:
-        tensor = reader.get(name).float()
-        n_bad = tensor.numel() - int(torch.isfinite(tensor).sum())
-        if n_bad:
-            raise NonFiniteError(reader.where(name), name, n_bad)
+        require_finite(reader.where(name), name, reader.get(name))
     raise ConfigError(f"{name}: the fp32 sum overflows to Inf although every input is finite; rescale the inputs")
 
 
@@ -96,24 +60,31 @@ def write_soup(
     *,
     selected: Sequence[int] | None = None,
     card: str | None = None,
+    **kwargs,
+) -> Path:
+    """Stream the soup of `plan` (only the `selected` ingredients, uniformly, if given) into `out_dir`.
+
+    `kwargs` go to `stream_soup` (overwrite, resume, progress).
+    """
+    mix = plan.mix(selected)
+    readers = [TensorReader(plan.ingredients[i].path) for i, _ in mix]
+    weights = [w for _, w in mix]
+    dtypes = {slot.name: slot.dtype for slot in plan.slots}
+    return stream_soup(plan, out_dir, lambda name: soup_tensor(name, readers, weights, dtypes[name]), card, **kwargs)
+
+
+def stream_soup(
+    plan: SoupPlan,
+    out_dir: str | Path,
+    produce: Callable[[str], torch.Tensor],
+    card: str | None,
+    *,
     overwrite: bool = False,
     resume: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Path:
-    """Stream the soup of `plan` (only the `selected` ingredients, uniformly, if given) into `out_dir`."""
-    if selected is None:  # raw weights (1.0 for uniform), so a uniform soup is exactly (θ₁+…+θₙ)/n
-        chosen = [(ing, ing.weight) for ing in plan.ingredients]
-    else:
-        chosen = [(plan.ingredients[i], 1.0) for i in selected]
-    chosen = [(ing, w) for ing, w in chosen if w > 0]
-    readers = [TensorReader(ing.path) for ing, _ in chosen]
-    weights = [w for _, w in chosen]
-    dtypes = {slot.name: slot.dtype for slot in plan.slots}
-
-    def produce(name: str) -> torch.Tensor:
-        return soup_tensor(name, readers, weights, dtypes[name])
-
-    files = side_files(plan)
+    """Write the tensors `produce(name)` gives for `plan.slots` as an HF dir, with config, tokenizer and card."""
+    files = _side_files(plan)
     if card is not None:
         files["README.md"] = card.encode("utf-8")
     return stream_hf_dir(
@@ -122,11 +93,11 @@ def write_soup(
     )
 
 
-def side_files(plan: SoupPlan) -> dict[str, bytes]:
-    """config.json (dtype updated), generation config and tokenizer files of the tokenizer source."""
+def _side_files(plan: SoupPlan) -> dict[str, bytes]:
+    """config.json (dtype updated) and generation config of the first ingredient, tokenizer files of the source."""
     if plan.tokenizer_source is None:
         return {}
-    source: Ingredient = plan.ingredients[plan.tokenizer_source]
+    source = plan.ingredients[plan.tokenizer_source]
     config_dir = plan.ingredients[0].dir or source.dir
     files: dict[str, bytes] = {}
     for name in SIDE_FILES:
@@ -140,7 +111,7 @@ def side_files(plan: SoupPlan) -> dict[str, bytes]:
 
 def _with_dtype(raw: bytes, plan: SoupPlan) -> bytes:
     config = json.loads(raw)
-    float_dtypes = {str(s.dtype).removeprefix("torch.") for s in plan.slots if s.dtype.is_floating_point}
+    float_dtypes = {dtype_name(s.dtype) for s in plan.slots if s.dtype.is_floating_point}
     if len(float_dtypes) == 1:
         dtype = float_dtypes.pop()
         keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["dtype"]
