@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from lmctk import renorm as rn
 from lmctk.errors import ConfigError
 from lmctk.io import assert_same_keys, assert_same_shapes
 from lmctk.metrics import distances
@@ -59,16 +60,21 @@ def barriers(alphas: Sequence[float], values: Sequence[float]) -> dict[str, floa
     }
 
 
-def parameter_keys(model: nn.Module, state: State) -> list[str]:
-    """The state's keys that are parameters of `model` (tied tensors once, buffers excluded)."""
+def module_keys(model: nn.Module, state: State, buffers: bool = True) -> list[str]:
+    """State keys the module owns under that name, parameters and (with `buffers`) buffers: tied
+    tensors once (drops aliases such as GPT-2's lm_head.weight)."""
     names = {n for n, _ in model.named_parameters()}
+    if buffers:
+        names |= {n for n, _ in model.named_buffers()}
     return [k for k in state if k in names]
 
 
-def _module_keys(model: nn.Module, state: State) -> list[str]:
-    """State keys the module owns under that name (drops tied aliases such as GPT-2's lm_head.weight)."""
-    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
-    return [k for k in state if k in names]
+def _device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
+def _on(state: State, device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in state.items()}
 
 
 def state_bytes(state: State) -> int:
@@ -93,7 +99,7 @@ def activation_bytes(model: nn.Module, state: State, batch, probe: int = 8) -> t
     handles = [m.register_forward_hook(hook) for m in model.modules()]
     try:
         with torch.no_grad():
-            functional_call(model, {k: state[k] for k in _module_keys(model, state)}, args=(), kwargs=small.inputs)
+            functional_call(model, {k: state[k] for k in module_keys(model, state)}, args=(), kwargs=small.inputs)
     finally:
         for h in handles:
             h.remove()
@@ -114,7 +120,8 @@ def auto_chunk(model: nn.Module, state: State, batch, points: int, device: torch
         if device.type == "cuda":
             memory = torch.cuda.mem_get_info(device)[0] // 4
     largest, total = activation_bytes(model, state, batch)
-    chunk = memory // max(state_bytes(state) + total, 1)
+    copy_bytes = state_bytes({k: state[k] for k in module_keys(model, state)})  # what `_eval_vmap` stacks
+    chunk = memory // max(copy_bytes + total, 1)
     if device.type == "cpu":
         chunk = min(chunk, CPU_CACHE_BYTES // max(largest, 1))
     return int(max(1, min(points, chunk)))
@@ -131,7 +138,7 @@ def _per_alpha(totals: dict[str, torch.Tensor]) -> list[dict[str, float]]:
 
 
 def _eval_vmap(model, a, b, alphas, task, split, device, batch_size, chunk) -> list[dict[str, float]]:
-    keys = _module_keys(model, a)
+    keys = module_keys(model, a)
     batched = [k for k in keys if a[k].is_floating_point()]
     shared = {k: a[k] for k in keys if not a[k].is_floating_point()}
     stack_a = {k: a[k].unsqueeze(0) for k in batched}
@@ -154,10 +161,21 @@ def _eval_vmap(model, a, b, alphas, task, split, device, batch_size, chunk) -> l
     return out
 
 
-def _eval_inplace(model, a, b, alphas, task, split, device, batch_size, renorm) -> list[dict[str, float]]:
-    work = copy.deepcopy(model).to(device)  # one working copy for the whole path
+def _working_copy(model: nn.Module, a: State, device: torch.device) -> nn.Module:
+    """One copy of `model` on `device` for a whole path, holding A's integer buffers (as θ(α) does)."""
+    work = copy.deepcopy(model).to(device)
     live = work.state_dict()  # detached aliases of the copy's parameters and buffers
-    keys = [k for k in _module_keys(work, a) if a[k].is_floating_point()]
+    with torch.no_grad():
+        for k in module_keys(work, a):
+            if not a[k].is_floating_point():
+                live[k].copy_(a[k])
+    return work
+
+
+def _eval_inplace(work, a, b, alphas, task, split, device, batch_size, renorm) -> list[dict[str, float]]:
+    """θ(α) lerped into the working copy `work` (see `_working_copy`) with `_foreach` ops, one α at a time."""
+    live = work.state_dict()
+    keys = [k for k in module_keys(work, a) if a[k].is_floating_point()]
     dst, src_a, src_b = [live[k] for k in keys], [a[k] for k in keys], [b[k] for k in keys]
     out = []
     with torch.no_grad():
@@ -171,7 +189,7 @@ def _eval_inplace(model, a, b, alphas, task, split, device, batch_size, renorm) 
 
 
 def _eval_naive(model, a, b, alphas, task, split, device, batch_size) -> list[dict[str, float]]:
-    work = copy.deepcopy(model).to(device)
+    work = _working_copy(model, a, device)
     out = []
     for alpha in alphas:
         work.load_state_dict(lerp(a, b, alpha))
@@ -200,7 +218,8 @@ def _autotuned(model, a, b, alphas, task, split, device, batch_size, chunk) -> t
     CPU that a single θ already keeps busy. Every measured α is part of the result."""
     with torch.no_grad():
         first, t_vmap = _timed(lambda: _eval_vmap(model, a, b, alphas[:chunk], task, split, device, batch_size, chunk), device)
-    second, t_inplace = _timed(lambda: _eval_inplace(model, a, b, alphas[chunk:chunk + 2], task, split, device,
+    work = _working_copy(model, a, device)  # built once, outside the timing, and reused if in place wins
+    second, t_inplace = _timed(lambda: _eval_inplace(work, a, b, alphas[chunk:chunk + 2], task, split, device,
                                                      batch_size, None), device)
     per_vmap, per_inplace = t_vmap / chunk, t_inplace / 2
     rest = alphas[chunk + 2:]
@@ -208,7 +227,7 @@ def _autotuned(model, a, b, alphas, task, split, device, batch_size, chunk) -> t
         with torch.no_grad():
             tail, method = _eval_vmap(model, a, b, rest, task, split, device, batch_size, chunk), "vmap"
     else:
-        tail, method = _eval_inplace(model, a, b, rest, task, split, device, batch_size, None), "inplace"
+        tail, method = _eval_inplace(work, a, b, rest, task, split, device, batch_size, None), "inplace"
     note = (f"auto: stacked {per_vmap * 1e3:.1f} ms/α vs in place {per_inplace * 1e3:.1f} ms/α "
             f"on the first {chunk + 2} α; the other {len(rest)} with {method}")
     return first + second + tail, method, note
@@ -239,9 +258,8 @@ def evaluate_path(
         raise ConfigError(f"method: unknown {method!r}; choose one of {', '.join(METHODS)}")
     assert_same_keys(a, b, "model A", "model B")
     assert_same_shapes(a, b, "model A", "model B")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    a = {k: v.to(device) for k, v in a.items()}
-    b = {k: v.to(device) for k, v in b.items()}
+    device = _device(model, device)
+    a, b = _on(a, device), _on(b, device)
     alphas = [float(x) for x in alphas]
     if renorm is not None and method not in ("auto", "inplace"):
         raise ConfigError(f"method={method!r} cannot renormalise each θ(α); use method='inplace' or 'auto'")
@@ -268,7 +286,8 @@ def evaluate_path(
                 metrics = _eval_vmap(model, a, b, alphas, task, split, device, batch_size, chunk)
         elif method == "inplace":
             chunk = 1
-            metrics = _eval_inplace(model, a, b, alphas, task, split, device, batch_size, renorm)
+            metrics = _eval_inplace(_working_copy(model, a, device), a, b, alphas, task, split, device, batch_size,
+                                    renorm)
         else:
             chunk = 1
             metrics = _eval_naive(model, a, b, alphas, task, split, device, batch_size)
@@ -387,19 +406,14 @@ class BarrierResult:
         return Group(t, bt)
 
 
-def _renorm_for(kind: str, model: nn.Module, a: State, b: State, task: Task, device, calib: dict[str, int]) -> Renorm | None:
-    from lmctk import renorm as rn
-
-    if kind == "none":
-        return None
-    batches = rn.calibration_batches(task, calib["batches"], calib["batch_size"], calib["seed"], device)
+def _renorm_for(kind: str, model: nn.Module, a: State, b: State, task: Task, batches: list | None,
+                stats_a: dict | None = None) -> Renorm | None:
+    """The renormalisation hook of one path; REPAIR measures its statistics here (A's unless given)."""
     if kind == "bn_reset":
-        if not rn.batchnorms(model):
-            raise ConfigError("renorm='bn_reset': the model has no BatchNorm layers; use renorm='repair'")
         return lambda work, _alpha: rn.reset_batchnorm(work, batches, task)
     if kind == "repair":
-        return rn.Repair(copy.deepcopy(model).to(device), a, b, batches, task)
-    raise ConfigError(f"renorm: unknown {kind!r}; choose one of {', '.join(rn.RENORMS)}")
+        return rn.Repair(model, a, b, batches, task, stats_a)
+    return None
 
 
 def align_states(model: nn.Module, a: State, b: State, task: Task, how: str, *, spec=None, seed: int = 0):
@@ -445,30 +459,32 @@ def barrier_sweep(
     `model` supplies the architecture only; its weights are not used or changed.
     """
     start = time.perf_counter()
-    if renorm not in ("none", "bn_reset", "repair"):
-        raise ConfigError(f"renorm: unknown {renorm!r}; choose one of none, bn_reset, repair")
+    if renorm not in rn.RENORMS:
+        raise ConfigError(f"renorm: unknown {renorm!r}; choose one of {', '.join(rn.RENORMS)}")
     if align is not None and align not in ALIGNS:
         raise ConfigError(f"align: unknown {align!r}; choose one of {', '.join(ALIGNS)} (or None)")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = _device(model, device)
     assert_same_keys(a, b, names[0], names[1])
     assert_same_shapes(a, b, names[0], names[1])
-    a = {k: v.to(device) for k, v in a.items()}
-    b = {k: v.to(device) for k, v in b.items()}
+    a, b = _on(a, device), _on(b, device)
     alphas = alpha_grid(points)
     calib = {"batches": calib_batches, "batch_size": calib_batch_size, "seed": calib_seed}
-    keys = parameter_keys(model, a)
+    keys = module_keys(model, a, buffers=False)
     timings: dict[str, float] = {}
     eval_kw = dict(split=split, device=device, batch_size=batch_size, method=method, chunk=chunk, memory=memory)
 
-    def sweep(b_state: State) -> tuple[Curve, dict[str, Any]]:
-        fix = _renorm_for(renorm, model, a, b_state, task, device, calib)
-        metrics, info = evaluate_path(model, a, b_state, alphas, task, renorm=fix, **eval_kw)
+    def sweep(b_state: State, stats_a: dict | None = None, **evaluation: Any) -> tuple[Curve, dict, Renorm | None]:
+        fix = _renorm_for(renorm, model, a, b_state, task, batches, stats_a)
+        metrics, info = evaluate_path(model, a, b_state, alphas, task, renorm=fix, **{**eval_kw, **evaluation})
         if renorm == "repair":
             info["repair_layers"] = list(fix.layers)
-        return Curve([m["loss"] for m in metrics], [m["accuracy"] for m in metrics]), info
+        return Curve([m["loss"] for m in metrics], [m["accuracy"] for m in metrics]), info, fix
 
     t0 = time.perf_counter()
-    raw, info = sweep(b)
+    batches = None  # drawn once, on the device, for both paths
+    if renorm != "none":
+        batches = rn.calibration_batches(task, calib_batches, calib_batch_size, calib_seed, device)
+    raw, info, raw_fix = sweep(b)
     timings["raw_sweep"] = time.perf_counter() - t0
     distance = {"raw": distances(a, b, keys)}
     aligned = None
@@ -482,7 +498,9 @@ def barrier_sweep(
         timings["align"] = time.perf_counter() - t0
         settings["matching"] = {"method": match.method, "sweeps": match.sweeps, "unpermuted": match.unpermuted}
         t0 = time.perf_counter()
-        aligned, _ = sweep(b_aligned)
+        # same A and batches: REPAIR reuses A's statistics; the evaluation reuses the raw sweep's choice
+        aligned, _, _ = sweep(b_aligned, raw_fix.stats_a if renorm == "repair" else None,
+                              method=info["method"], chunk=info["chunk"])
         timings["aligned_sweep"] = time.perf_counter() - t0
         distance["aligned"] = distances(a, b_aligned, keys)
     timings["total"] = time.perf_counter() - start
@@ -537,6 +555,8 @@ def barrier_matrix(model: nn.Module, states: Mapping[str, State], task: Task, **
     """`barrier_sweep` for every unordered pair of `states` (name -> state); kwargs go to each sweep."""
     if len(states) < 2:
         raise ConfigError(f"barrier_matrix needs at least 2 models, got {len(states)}")
+    device = _device(model, kwargs.get("device"))
+    states = {n: _on(s, device) for n, s in states.items()}  # once, not again for every pair
     names = list(states)
     pairs = {}
     for i, x in enumerate(names):

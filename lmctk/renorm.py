@@ -13,12 +13,13 @@ Interpolating two networks shrinks the variance of hidden activations ("variance
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from typing import Iterator
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from lmctk.errors import ConfigError
@@ -106,28 +107,47 @@ def _hooks(layers: dict[str, nn.Module], hook_for) -> Iterator[None]:
             h.remove()
 
 
-def channel_stats(model: nn.Module, batches: Sequence, task: Task, layers: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-channel (mean, std) of each named layer's output over `batches`, model in eval mode (float64)."""
+def _accumulate(sums: dict[str, list], name: str, flat: torch.Tensor) -> None:
+    """Add a [rows, C] block to the running (sum, sum of squares, rows) of layer `name`."""
+    s = sums.setdefault(name, [0, 0, 0])
+    s[0] += flat.sum(0)
+    s[1] += flat.square().sum(0)
+    s[2] += flat.shape[0]
+
+
+def _mean_std(s: torch.Tensor, sq: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, population std) from the sums kept by `_accumulate`."""
+    mean = s / n
+    return mean, (sq / n - mean.square()).clamp_min(0).sqrt()
+
+
+def channel_stats(model: nn.Module, batches: Sequence, task: Task, layers: Sequence[str],
+                  state: Mapping[str, torch.Tensor] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel (mean, std) of each named layer's output over `batches`, run in eval mode (float64;
+    the model's mode is restored). With `state`, the model runs with those tensors (`functional_call`):
+    its own weights are neither used nor changed, so no copy of it is needed.
+    """
     modules = dict(model.named_modules())
-    sums: dict[str, list[torch.Tensor]] = {}
+    sums: dict[str, list] = {}
 
     def hook_for(name, m):
         def hook(_module, _inputs, y):
-            flat = _flat(y, _channel_dim(m))
-            s = sums.setdefault(name, [0, 0, 0])
-            s[0] += flat.sum(0)
-            s[1] += flat.square().sum(0)
-            s[2] += flat.shape[0]
+            _accumulate(sums, name, _flat(y, _channel_dim(m)))
         return hook
 
+    was_training = model.training
     model.eval()
-    with _hooks({n: modules[n] for n in layers}, hook_for):
-        run_batches(model, batches, task)
-    out = {}
-    for name, (s, sq, n) in sums.items():
-        mean = s / n
-        out[name] = (mean, (sq / n - mean.square()).clamp_min(0).sqrt())
-    return out
+    try:
+        with _hooks({n: modules[n] for n in layers}, hook_for):
+            if state is None:
+                run_batches(model, batches, task)
+            else:
+                with torch.no_grad():
+                    for batch in batches:
+                        functional_call(model, dict(state), args=(), kwargs=batch.inputs)
+    finally:
+        model.train(was_training)
+    return {name: _mean_std(*s) for name, s in sums.items()}
 
 
 def _scale(target_std: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -143,7 +163,10 @@ class Repair:
     channel's map y ↦ s·(y − μ) + t (s = σ_target/σ, t = μ_target) is folded into weight and bias.
     """
 
-    def __init__(self, model: nn.Module, a: dict, b: dict, batches: Sequence, task: Task) -> None:
+    def __init__(self, model: nn.Module, a: dict, b: dict, batches: Sequence, task: Task,
+                 stats_a: dict | None = None) -> None:
+        """`model` gives the architecture (its weights are not used or changed); `stats_a`: A's statistics
+        on the same `batches` when already measured (an aligned sweep reuses the raw sweep's)."""
         if batchnorms(model):
             raise ConfigError("repair: the model has BatchNorm layers; use renorm='bn_reset' for it")
         if hasattr(getattr(model, "config", None), "model_type"):
@@ -156,13 +179,8 @@ class Repair:
                 "GroupNorm/LayerNorm with affine) besides its head; use renorm='none'"
             )
         self.batches, self.task = batches, task
-        with torch.no_grad():
-            saved = {k: v.clone() for k, v in model.state_dict().items()}
-            model.load_state_dict(a)
-            self.stats_a = channel_stats(model, batches, task, self.layers)
-            model.load_state_dict(b)
-            self.stats_b = channel_stats(model, batches, task, self.layers)
-            model.load_state_dict(saved)
+        self.stats_a = stats_a if stats_a is not None else channel_stats(model, batches, task, self.layers, a)
+        self.stats_b = channel_stats(model, batches, task, self.layers, b)
 
     def __call__(self, model: nn.Module, alpha: float) -> None:
         modules = dict(model.named_modules())
@@ -175,10 +193,7 @@ class Repair:
 
             def hook(_module, _inputs, y):
                 flat = _flat(y, dim)
-                s = sums.setdefault(name, [0, 0, 0])
-                s[0] += flat.sum(0)
-                s[1] += flat.square().sum(0)
-                s[2] += flat.shape[0]
+                _accumulate(sums, name, flat)
                 mean, std = flat.mean(0), flat.var(0, unbiased=False).sqrt()
                 shape = [1] * y.dim()
                 shape[dim] = -1
@@ -191,9 +206,7 @@ class Repair:
             run_batches(model, self.batches, self.task)
         with torch.no_grad():
             for name in self.layers:
-                s, sq, n = sums[name]
-                mean = s / n
-                std = (sq / n - mean.square()).clamp_min(0).sqrt()
+                mean, std = _mean_std(*sums[name])
                 scale = _scale(target[name][1], std)
                 shift = target[name][0] - scale * mean
                 m = modules[name]

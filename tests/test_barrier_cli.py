@@ -69,6 +69,7 @@ def test_barrier_of_three_models_prints_a_pairwise_matrix(runs, tmp_path, capsys
     (["--align", "perm"], "align"),
     (["--points", "1"], "at least 2"),
     (["--definition", "max"], "--definition"),
+    (["--task-opt", "bogus=1"], "bogus"),  # options apply to the run's own task too
 ])
 def test_barrier_bad_options_exit_2_with_one_line(runs, capsys, args, needle):
     assert main(["barrier", str(runs / "seed0"), str(runs / "seed1"), *args]) == 2

@@ -146,6 +146,49 @@ def test_evaluation_leaves_the_model_untouched(digits):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+
+def test_in_place_evaluation_takes_integer_buffers_from_a_not_the_model(digits):
+    _, a, b = _pair("resnet20", digits, width=1)
+    model = fresh("resnet20", digits, 2, width=1)
+    randomise_bn_stats(model, 5)  # the skeleton's own counters differ from A's
+    key = "stem.norm.num_batches_tracked"
+    seen = []
+    evaluate_path(model, a, b, [0.5], digits, method="inplace",
+                  renorm=lambda work, _alpha: seen.append(int(work.state_dict()[key])))
+    assert seen == [int(a[key])] != [int(model.state_dict()[key])]
+
+
+def test_repair_leaves_the_model_it_measures_untouched(digits):
+    model, a, b = _pair("mlp", digits, widths=[16])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    Repair(model, b, a, calibration_batches(digits, 1, 32, 0, "cpu"), digits)
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_aligned_sweep_reuses_the_raw_calibration_statistics_and_evaluation(mlps, monkeypatch):
+    import lmctk.interp as interp
+    import lmctk.renorm as rn
+
+    calls = {"batches": 0, "stats": 0, "chunk": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(rn, "calibration_batches", counted("batches", rn.calibration_batches))
+    monkeypatch.setattr(rn, "channel_stats", counted("stats", rn.channel_stats))
+    model, a, b, task = mlps
+    result = barrier_sweep(model, a, b, task, points=3, align="weight", renorm="repair", calib_batches=1)
+    assert calls["batches"] == 1 and calls["stats"] == 3  # A once, B and π(B)
+    monkeypatch.setattr(interp, "auto_chunk", counted("chunk", interp.auto_chunk))
+    result = barrier_sweep(model, a, b, task, points=13, align="weight")
+    assert calls["chunk"] == 1 and result.aligned is not None
+
+
 # -- sweeps ---------------------------------------------------------------------------------------
 
 def _all_barriers(result) -> list[float]:

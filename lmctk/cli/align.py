@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from lmctk.cli.app import app, console, parse_options, write_json
-from lmctk.errors import ConfigError, OutputExistsError
+from lmctk.cli.app import app, console, parse_options, refuse_existing, write_json
+from lmctk.errors import ConfigError
 
 METHODS = ("weight", "activation")
 
@@ -33,34 +33,29 @@ def align(
     """Align B to A and report how far apart they were before and after."""
     from lmctk.align import PermutedView, activation_matching, apply, save_aligned, weight_matching
     from lmctk.metrics import distances
-    from lmctk.io import LazyState, resolve_checkpoint
-    from lmctk.loading import load_model_state, model_config_of
+    from lmctk.io import LazyState, load_state, resolve_checkpoint
+    from lmctk.loading import load_model_state, model_config_of, resolve_task
     from lmctk.spec import spec_for
     from lmctk.spec.check import output_difference
-    from lmctk.tasks import get_task
 
     if method not in METHODS:
         raise ConfigError(f"--method: unknown {method!r}; choose one of {', '.join(METHODS)}")
     if stream and method != "weight":
         raise ConfigError("--stream: only weight matching streams; drop --stream for activation matching")
-    for path in (out, json_out):
-        if path is not None and path.exists() and not overwrite:
-            raise OutputExistsError(path)
+    refuse_existing([out, json_out], overwrite)
 
     model = None
     if stream:
         spec = spec_for(model_config_of(a))
         state_a, state_b = LazyState(a), LazyState(b)
     else:
-        model, state_a, run_task = load_model_state(a)
-        _, state_b, _ = load_model_state(b)
+        the_task = resolve_task(task, parse_options(task_opt, "--task-opt"), [a]) if method == "activation" else None
+        model, state_a, _ = load_model_state(a, the_task)
+        state_b = load_state(b)
         spec = spec_for(model)
     if method == "weight":
         result = weight_matching(spec, state_a, state_b, max_iter=max_iter, seed=seed, lap_backend=lap_backend)
     else:
-        the_task = get_task(task, **parse_options(task_opt, "--task-opt")) if task else run_task
-        if the_task is None:
-            raise ConfigError("--task: activation matching needs data; name a task (e.g. --task text)")
         result = activation_matching(model, spec, state_a, state_b, the_task, max_batches=max_batches,
                                      seed=seed, lap_backend=lap_backend)
 

@@ -65,12 +65,19 @@ def _parse_value(raw: str) -> Any:
         return raw
 
 
-def write_json(path: Path, payload: dict[str, Any], overwrite: bool) -> None:
+def refuse_existing(paths: list[Path | None], overwrite: bool) -> None:
+    """Stop before any work if an output already exists and --overwrite was not given (None: not asked for)."""
     from lmctk.errors import OutputExistsError
+
+    for path in paths:
+        if path is not None and path.exists() and not overwrite:
+            raise OutputExistsError(path)
+
+
+def write_json(path: Path, payload: dict[str, Any], overwrite: bool) -> None:
     from lmctk.io import atomic_write_json
 
-    if path.exists() and not overwrite:
-        raise OutputExistsError(path)
+    refuse_existing([path], overwrite)
     atomic_write_json(path, payload)
 
 

@@ -7,8 +7,8 @@ from typing import Any, Optional
 
 import typer
 
-from lmctk.cli.app import app, console, parse_options, write_json
-from lmctk.errors import ConfigError, OutputExistsError
+from lmctk.cli.app import app, console, parse_options, refuse_existing, write_json
+from lmctk.errors import ConfigError
 
 
 def _names(paths: list[Path]) -> list[str]:
@@ -39,33 +39,26 @@ def barrier(
     Exits 3 when a pair is not linearly connected (a negative verdict), 0 when all are.
     """
     from lmctk.interp import DEFINITIONS, barrier_matrix, barrier_sweep
-    from lmctk.loading import load_model_state
+    from lmctk.io import load_state
+    from lmctk.loading import load_model_state, resolve_task
     from lmctk.report import line_plot, terminal_curve
-    from lmctk.tasks import get_task
     from lmctk.train import resolve_device
 
     if len(models) < 2:
         raise ConfigError("barrier: give at least two models (run dirs or checkpoint dirs)")
     if definition not in DEFINITIONS:
         raise ConfigError(f"--definition: unknown {definition!r}; choose one of {', '.join(DEFINITIONS)}")
-    for out in (json_out, plot):
-        if out is not None and out.exists() and not overwrite:
-            raise OutputExistsError(out)
-    loaded = [load_model_state(p) for p in models]  # (model, state, task or None)
-    model = loaded[0][0]
-    if task is not None:
-        the_task = get_task(task, **parse_options(task_opt, "--task-opt"))
-    else:
-        the_task = next((t for _, _, t in loaded if t is not None), None)
-        if the_task is None:
-            raise ConfigError("barrier: --task is needed; no model is a run dir that names its task")
+    refuse_existing([json_out, plot], overwrite)
+    the_task = resolve_task(task, parse_options(task_opt, "--task-opt"), models)
+    model, first, _ = load_model_state(models[0], the_task)  # one skeleton; the sweep checks the others' keys
+    states = [first] + [load_state(p) for p in models[1:]]
     target = resolve_device(device)
     model = model.to(target)
     kwargs: dict[str, Any] = dict(points=points, align=align, renorm=renorm, split=split, device=target,
                                   batch_size=batch_size, calib_batches=calib_batches)
     names = _names(models)
     if len(models) == 2:
-        result = barrier_sweep(model, loaded[0][1], loaded[1][1], the_task, names=tuple(names), **kwargs)
+        result = barrier_sweep(model, states[0], states[1], the_task, names=tuple(names), **kwargs)
         results = [result]
         console.print(result)
         series = {"raw loss": result.raw.loss}
@@ -74,7 +67,7 @@ def barrier(
         console.print(terminal_curve(result.alphas, series, title="loss along α", xlabel="α"))
         payload = result.to_dict()
     else:
-        matrix = barrier_matrix(model, {n: s for n, (_, s, _) in zip(names, loaded)}, the_task, **kwargs)
+        matrix = barrier_matrix(model, dict(zip(names, states)), the_task, **kwargs)
         results = list(matrix.pairs.values())
         console.print(matrix)
         payload = matrix.to_dict()
