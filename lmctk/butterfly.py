@@ -8,7 +8,6 @@ and the twins' own streams decide everything, so trials can run in any order, on
 from __future__ import annotations
 
 import fnmatch
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,10 +17,10 @@ import torch
 from torch import nn
 
 from lmctk.errors import LmctkError
-from lmctk.interp import barrier_sweep, parameter_keys
-from lmctk.metrics import distances
+from lmctk.interp import barrier_sweep
+from lmctk.metrics import angular_cka, linear_cka
 from lmctk.perturb import Injection, PerturbSpec, inject
-from lmctk.tasks.base import IGNORE_INDEX, Task, forward
+from lmctk.tasks.base import IGNORE_INDEX, Task, forward, scored_pairs
 from lmctk.train import Trainer
 
 
@@ -54,10 +53,6 @@ def measure_steps(t: int, total: int, every: int, at: list[int] | tuple[int, ...
     return sorted(s for s in steps if t <= s <= total)
 
 
-def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def disagreement(a: nn.Module, b: nn.Module, task: Task, split: str, device, batch_size: int | None) -> float:
     """Share of scored examples (or tokens) where the two models' argmax predictions differ."""
     differ = count = 0
@@ -66,11 +61,9 @@ def disagreement(a: nn.Module, b: nn.Module, task: Task, split: str, device, bat
     try:
         with torch.no_grad():
             for batch in task.eval_batches(split, device, batch_size):
-                la, lb = forward(a, batch, task), forward(b, batch, task)
-                if task.kind == "causal_lm":
-                    la, lb = la[:, :-1], lb[:, :-1]
-                la, lb = la.reshape(-1, la.shape[-1]), lb.reshape(-1, lb.shape[-1])
-                scored = batch.targets.reshape(-1) != IGNORE_INDEX
+                la, targets = scored_pairs(task.kind, forward(a, batch, task), batch)
+                lb, _ = scored_pairs(task.kind, forward(b, batch, task), batch)
+                scored = targets != IGNORE_INDEX
                 differ += int(((la.argmax(-1) != lb.argmax(-1)) & scored).sum())
                 count += int(scored.sum())
     finally:
@@ -111,28 +104,24 @@ def layer_outputs(model: nn.Module, batch, task: Task, patterns: list[str]) -> d
 
 def cka_per_layer(a: nn.Module, b: nn.Module, task: Task, spec: MeasureSpec, device) -> dict[str, dict[str, float]]:
     """Debiased linear CKA and its angular form arccos(CKA) per layer on the probe batch."""
-    from lmctk.metrics import linear_cka
-
     whole = task.eval_batches(spec.split, device, None)[0]
     probe = whole.select(slice(0, spec.probe))
     xa = layer_outputs(a, probe, task, spec.cka_layers)
     xb = layer_outputs(b, probe, task, spec.cka_layers)
-    cka = {n: linear_cka(xa[n], xb[n]) for n in xa}
-    return {"cka": cka, "angular_cka": {n: (math.acos(max(-1.0, min(1.0, c))) if not math.isnan(c) else math.nan)
-                                        for n, c in cka.items()}}
+    return {"cka": {n: linear_cka(xa[n], xb[n]) for n in xa},
+            "angular_cka": {n: angular_cka(xa[n], xb[n]) for n in xa}}
 
 
 def measure(a: nn.Module, b: nn.Module, task: Task, spec: MeasureSpec, *, final: bool) -> dict[str, Any]:
     """Distances, loss/error barriers (both definitions) and, at the end, aligned barriers, CKA and disagreement."""
     device = next(a.parameters()).device
-    sa, sb = _state(a), _state(b)
-    keys = parameter_keys(a, sa)
+    sa, sb = a.state_dict(), b.state_dict()  # read-only here: barrier_sweep works on copies
     align = "weight" if final and spec.align else None
     sweep = barrier_sweep(a, sa, sb, task, points=spec.final_points if final else spec.points, align=align,
                           renorm=spec.renorm, split=spec.split, device=device, batch_size=spec.batch_size)
     raw = sweep.raw
     out: dict[str, Any] = {
-        **distances(sa, sb, keys),
+        **sweep.distance["raw"],
         "barrier": raw.barriers(sweep.alphas),
         "endpoints": {"a": {"loss": raw.loss[0], "accuracy": raw.accuracy[0]},
                       "b": {"loss": raw.loss[-1], "accuracy": raw.accuracy[-1]}},
@@ -148,36 +137,41 @@ def measure(a: nn.Module, b: nn.Module, task: Task, spec: MeasureSpec, *, final:
 
 
 MeasureFn = Callable[[int, dict[str, Any]], None]
+Reference = Callable[[int], nn.Module]  # twin A's model at a step, when A is a run already trained (not retrained)
 
 
-def train_twins(a: Trainer, b: Trainer, total: int, at: list[int], spec: MeasureSpec, *,
+def train_twins(a: Trainer | Reference, b: Trainer, total: int, at: list[int], spec: MeasureSpec, *,
                 first_batch: Injection | None = None, on_measure: MeasureFn | None = None) -> list[dict[str, Any]]:
-    """Train twins A and B in lockstep to step `total`, measuring at the steps `at` (the last is final).
+    """Train twin B to step `total`, measuring at the steps `at` (the last is final).
 
-    When both read the same data stream, each batch is built once and fed to both. `first_batch`
-    (a `batch` perturbation) replaces B's batch at its current step.
+    A Trainer `a` trains in lockstep; when both read the same data stream, each batch is built once
+    and fed to both. `first_batch` (a `batch` perturbation) replaces B's batch at its current step.
     """
     records = []
+    lockstep = isinstance(a, Trainer)
 
     def record() -> None:
-        m = {"step": a.step, **measure(a.model, b.model, a.task, spec, final=a.step == total)}
+        model_a = a.model if lockstep else a(b.step)
+        m = {"step": b.step, **measure(model_a, b.model, b.task, spec, final=b.step == total)}
         records.append(m)
         if on_measure:
-            on_measure(a.step, m)
+            on_measure(b.step, m)
 
-    if a.step in at:
+    if b.step in at:
         record()
-    while a.step < total:
-        batch = a.batch(a.step)
-        a.train_step(batch)
+    while b.step < total:
+        shared = None
+        if lockstep:
+            shared = a.batch(a.step)
+            a.train_step(shared)
         if first_batch is not None and first_batch.batch is not None:
             b.train_step(first_batch.batch)
             first_batch = None
-        elif b.data_seed == a.data_seed:
-            b.train_step(batch)
+        elif shared is not None and b.data_seed == a.data_seed:
+            b.train_step(shared)
         else:
             b.train_step()
-        if a.step in at:
+        if b.step in at:
             record()
     return records
 
@@ -207,10 +201,14 @@ def verify_twins(parent: Trainer, steps: int = 5) -> dict[str, Any]:
 
 
 def run_perturbed(parent: Trainer, spec: PerturbSpec, total: int, measure_spec: MeasureSpec,
-                  init_std: dict[str, float] | None, on_measure: MeasureFn | None = None) -> dict[str, Any]:
-    """Fork twins from `parent` (at step t), perturb B with `spec`, train both to `total`; the trial's result."""
+                  init_std: dict[str, float] | None, on_measure: MeasureFn | None = None,
+                  reference: Reference | None = None) -> dict[str, Any]:
+    """Fork twins from `parent` (at step t), perturb B with `spec`, train both to `total`; the trial's result.
+
+    Twin A is the parent run continued; `reference` gives its saved states instead of training it again.
+    """
     start = time.perf_counter()
-    a, b = parent.fork(), parent.fork()
+    a, b = reference or parent.fork(), parent.fork()
     injection = inject(b, spec, init_std)
     at = measure_steps(parent.step, total, measure_spec.every, measure_spec.at)
     records = train_twins(a, b, total, at, measure_spec, first_batch=injection, on_measure=on_measure)
@@ -218,7 +216,7 @@ def run_perturbed(parent: Trainer, spec: PerturbSpec, total: int, measure_spec: 
             "seconds": time.perf_counter() - start}
 
 
-def run_independent(a: Trainer, b: Trainer, total: int, measure_spec: MeasureSpec,
+def run_independent(a: Trainer | Reference, b: Trainer, total: int, measure_spec: MeasureSpec,
                     on_measure: MeasureFn | None = None) -> dict[str, Any]:
     """Two runs from different seeds (init, data, dropout) trained side by side: the reference barrier."""
     start = time.perf_counter()

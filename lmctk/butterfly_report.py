@@ -37,7 +37,7 @@ def sigma_star(scales: list[float], values: list[float], target: float) -> tuple
             if i == 0:
                 return None, "below"
             s0, v0 = scales[i - 1], values[i - 1]
-            frac = (target - v0) / (v - v0) if v != v0 else 0.0
+            frac = (target - v0) / (v - v0)  # v0 < target <= v: the loop did not stop at i - 1
             return 10 ** (math.log10(s0) + frac * (math.log10(s) - math.log10(s0))), "fit"
     return None, "above"
 

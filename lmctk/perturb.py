@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from lmctk.errors import ConfigError
+from lmctk.models.hf import FAMILIES
 from lmctk.seeding import derive_seed
 from lmctk.tasks.base import Batch
+from lmctk.train import Trainer, step_batch
 
 KINDS = ("gaussian", "batch", "data_order", "dropout")
 REFS = ("init_std", "param_norm", "absolute")
@@ -113,33 +115,32 @@ def gaussian_noise(model: nn.Module, spec: PerturbSpec, init_std: dict[str, floa
 
 
 def has_dropout(model: nn.Module) -> bool:
-    """Whether the model drops out anything in training (dropout modules, or an HF config's dropout fields)."""
+    """Whether the model drops out anything in training: a dropout module with p > 0, or one of its HF
+    family's dropout fields > 0 (Llama-style attention calls dropout functionally, without a module)."""
     if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
         return True
-    config = getattr(model, "config", None)
-    fields = config.to_dict() if hasattr(config, "to_dict") else {}
-    return any(("dropout" in k or "pdrop" in k) and isinstance(v, float) and v > 0 for k, v in fields.items())
+    family = FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None))
+    return family is not None and any(getattr(model.config, f, 0.0) > 0 for f in family.dropout_fields)
 
 
-def replacement_batch(trainer, spec: PerturbSpec) -> tuple[Batch, int]:
-    """The batch of `trainer.step` with a `fraction` of its examples redrawn from the spec's own stream."""
+def replacement_batch(trainer: Trainer, spec: PerturbSpec) -> tuple[Batch, int]:
+    """The batch of `trainer.step` with a `fraction` of its examples redrawn from the spec's own stream.
+
+    The batch is built with the step's own generator, so the examples kept are exactly the twin's.
+    """
     indices = trainer.data_order.indices(trainer.step).clone()
     gen = torch.Generator().manual_seed(derive_seed(spec.seed, "batch"))
-    n = len(indices)
-    replace = max(1, round(spec.fraction * n))
+    replace = max(1, round(spec.fraction * len(indices)))
     indices[:replace] = torch.randperm(trainer.task.num_train, generator=gen)[:replace]
-    batch_gen = torch.Generator().manual_seed(derive_seed(spec.seed, "batch", "generator"))
-    return trainer.task.train_batch(indices, batch_gen).to(trainer.device), replace
+    return step_batch(trainer.task, trainer.data_order, trainer.step, indices).to(trainer.device), replace
 
 
-def inject(trainer, spec: PerturbSpec, init_std: dict[str, float] | None = None) -> Injection:
-    """Perturb `trainer` (a `lmctk.train.Trainer`) at its current step; returns what was realised.
+def inject(trainer: Trainer, spec: PerturbSpec, init_std: dict[str, float] | None = None) -> Injection:
+    """Perturb `trainer` at its current step; returns what was realised.
 
     gaussian changes the weights in place; data_order/dropout swap the twin's stream; batch returns
     the batch the twin trains on at this step. A zero spec changes nothing.
     """
-    from lmctk.train import IsolatedRNG
-
     info: dict[str, Any] = {"kind": spec.kind, "scale": spec.scale, "step": trainer.step, "seed": spec.seed}
     if spec.is_zero:
         info["norm"] = 0.0
@@ -167,6 +168,6 @@ def inject(trainer, spec: PerturbSpec, init_std: dict[str, float] | None = None)
         raise ConfigError("perturb kind 'dropout': the model has no dropout (p > 0), so another dropout seed "
                           "changes nothing; set a dropout model option or use another kind")
     seed = derive_seed(spec.seed, "dropout")
-    trainer.dropout_rng = IsolatedRNG(seed, trainer.device)
+    trainer.set_dropout_seed(seed)
     info.update(dropout_seed=seed, norm=None)
     return Injection(info)

@@ -22,7 +22,7 @@ from lmctk.perturb import has_dropout
 from lmctk.seeding import derive_seed
 from lmctk.tasks import Task, get_task
 from lmctk.tasks.base import Batch, DataOrder
-from lmctk.train import TrainConfig, init_model, lr_at, resolve_device
+from lmctk.train import TrainConfig, init_model, lr_at, resolve_device, step_batch
 
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW defaults
 
@@ -55,15 +55,12 @@ class Replicas:
 
     def batches(self, step: int) -> Batch:
         """The K batches of `step` (replica k's own data order), stacked on a leading axis."""
-        parts = []
-        for order in self.orders:
-            gen = torch.Generator().manual_seed(derive_seed(order.seed, "batch", step))
-            parts.append(self.task.train_batch(order.indices(step), gen))
+        parts = [step_batch(self.task, order, step) for order in self.orders]
         return Batch({k: torch.stack([b.inputs[k] for b in parts]) for k in parts[0].inputs},
                      torch.stack([b.targets for b in parts])).to(self.device)
 
-    def train_step(self) -> list[float]:
-        """One update of every replica; returns the K batch losses."""
+    def train_step(self) -> torch.Tensor:
+        """One update of every replica; returns the K batch losses (no host sync)."""
         c = self.config
         batch = self.batches(self.step)
         grads, losses = self._grad(self.params, batch.inputs, batch.targets)
@@ -83,7 +80,7 @@ class Replicas:
                     denom = (s["v"].sqrt() / math.sqrt(1 - BETAS[1] ** t)).add_(EPS)
                     p.addcdiv_(s["m"], denom, value=-lr / (1 - BETAS[0] ** t))
         self.step = t
-        return losses.tolist()
+        return losses.detach()
 
     def state_dict(self, k: int) -> dict[str, torch.Tensor]:
         """Replica k's full state (parameters and buffers), as `model.state_dict()` would give it."""

@@ -1,9 +1,10 @@
 """Run a butterfly recipe: run dir, journal, resume that skips finished trials, and trial sharding over
 torch.distributed ranks (`torchrun --nproc-per-node N -m lmctk run RECIPE`; gloo on CPU).
 
-Rank 0 creates the run dir, checks determinism (`verify_twins`) and writes the parent checkpoints at
-every perturbation step; then every rank runs trials i ≡ rank (mod world) that the journal does not
-list as finished, appending one record per trial; rank 0 merges the journal into the report. A run
+Rank 0 creates the run dir, checks determinism (`verify_twins`) and trains the parent once, writing
+checkpoints at every perturbation step and every step twin A is measured at (twin A is the parent run
+itself, so trials train only twin B); then every rank runs trials i ≡ rank (mod world) that the journal
+does not list as finished, appending one record per trial; rank 0 merges the journal into the report. A run
 killed at any moment resumes with `resume=True`: unfinished trials are re-run from their parent
 checkpoint, and since trials are pure functions of the recipe the merged metrics are the same.
 """
@@ -19,16 +20,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from torch import nn
 
-from lmctk.butterfly import run_independent, run_perturbed, verify_twins
+from lmctk.butterfly import Reference, measure_steps, run_independent, run_perturbed, verify_twins
 from lmctk.butterfly_report import ButterflyReport, summarize, write_plots
 from lmctk.errors import ConfigError
-from lmctk.io import atomic_write_json
+from lmctk.io import atomic_write_json, load_state
 from lmctk.perturb import init_stds
 from lmctk.rundir import RunDir, environment, read_journal, timestamp
 from lmctk.sweep import ButterflyRecipe, Trial, independent_seed, trials
 from lmctk.tasks import get_task
-from lmctk.train import Trainer, deterministic, init_model
+from lmctk.train import Trainer, deterministic, init_model, model_skeleton, resolve_device
 
 REPORT = "report.json"
 # progress(event, info): "preflight", "parent", "trial_start", "measure", "trial_done"
@@ -85,8 +87,19 @@ def _open_run(recipe: ButterflyRecipe, out: Path, name: str, *, resume: bool, ov
     return run
 
 
+def parent_steps(recipe: ButterflyRecipe) -> list[int]:
+    """Steps the parent run is checkpointed at: every t, and every step twin A is measured at.
+
+    A twin forked at t and trained unperturbed is the parent run itself (fork-then-train equals training
+    straight through), so every trial reads twin A from these checkpoints instead of retraining it.
+    """
+    m, total = recipe.measure, recipe.train.steps
+    starts = set(recipe.sweep.steps) | ({0} if recipe.sweep.independent else set())
+    return sorted({s for t in starts for s in measure_steps(t, total, m.every, m.at)})
+
+
 def _prepare_parent(recipe: ButterflyRecipe, run: RunDir, task, progress: Progress | None) -> None:
-    """Preflight on the fresh parent, then train it once to the last t, checkpointing every t."""
+    """Preflight on the fresh parent, then train it once to the end, checkpointing at `parent_steps`."""
     records = run.records()
     parent = Trainer(recipe.train, task=task)
     if recipe.run.verify_steps > 0 and not any(r.get("type") == "preflight" for r in records):
@@ -94,7 +107,7 @@ def _prepare_parent(recipe: ButterflyRecipe, run: RunDir, task, progress: Progre
         run.append({"type": "preflight", **check})
         if progress:
             progress("preflight", check)
-    needed = sorted(set(recipe.sweep.steps))
+    needed = parent_steps(recipe)
     have = set(run.checkpoint_steps())
     missing = [t for t in needed if t not in have]
     if not missing:
@@ -110,24 +123,36 @@ def _prepare_parent(recipe: ButterflyRecipe, run: RunDir, task, progress: Progre
             progress("parent", {"step": t})
 
 
+def _saved_parent(recipe: ButterflyRecipe, run: RunDir, task) -> Reference:
+    """Twin A read from the parent run's checkpoints, into one model kept for the whole rank."""
+    device = resolve_device(recipe.train.device)
+    model = model_skeleton(recipe.train, task).to(device)
+
+    def at(step: int) -> nn.Module:
+        model.load_state_dict(load_state(run.checkpoint_dir(step), device=device))
+        return model
+    return at
+
+
 def _run_trial(trial: Trial, recipe: ButterflyRecipe, run: RunDir, task, cache: dict, progress: Progress | None,
                init_std: dict[str, float]) -> dict[str, Any]:
-    def on_measure(step: int, m: dict[str, Any]) -> None:
-        run.append({"type": "measure", "trial": trial.id, "step": step, "l2": m["l2"],
-                                         "cosine": m["cosine"], "barrier": m["barrier"]})
+    def on_measure(step: int, m: dict[str, Any]) -> None:  # the trial record holds every measurement
         if progress:
             progress("measure", {"trial": trial.id, "step": step, "l2": m["l2"]})
 
     total = recipe.train.steps
+    if "a" not in cache:
+        cache["a"] = _saved_parent(recipe, run, task)
+    reference = cache["a"]
     if trial.kind == "independent":
-        a = Trainer(recipe.train, task=task)
         b = Trainer(dataclasses.replace(recipe.train, seed=independent_seed(recipe, trial.replicate)), task=task)
-        return run_independent(a, b, total, recipe.measure, on_measure)
+        return run_independent(reference, b, total, recipe.measure, on_measure)
     if cache.get("t") != trial.t:
-        parent = Trainer(recipe.train, task=task)
+        parent = Trainer(recipe.train, task=task, model=model_skeleton(recipe.train, task))
         parent.load_checkpoint(run.checkpoint_dir(trial.t))
         cache.update(t=trial.t, parent=parent)
-    return run_perturbed(cache["parent"], trial.perturbation(recipe), total, recipe.measure, init_std, on_measure)
+    return run_perturbed(cache["parent"], trial.perturbation(recipe), total, recipe.measure, init_std, on_measure,
+                         reference)
 
 
 def finished_trials(run: RunDir) -> set[str]:
@@ -169,6 +194,7 @@ def run_recipe(recipe: ButterflyRecipe, out: str | os.PathLike, *, name: str = "
             run = RunDir.open(out)
             done = finished_trials(run)
             mine = [t for i, t in enumerate(trials(recipe)) if i % dist.world == dist.rank and t.id not in done]
+            mine.sort(key=lambda trial: trial.t)  # trials are pure: by t, each parent is loaded once
             init_std = init_stds(init_model(recipe.train, task))
             cache: dict[str, Any] = {}
             for trial in mine:

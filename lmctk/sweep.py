@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from lmctk.butterfly import MeasureSpec
 from lmctk.errors import ConfigError
-from lmctk.perturb import KINDS, PerturbSpec
+from lmctk.perturb import PerturbSpec
 from lmctk.recipes import load_recipe
 from lmctk.seeding import derive_seed
 from lmctk.train import TrainConfig
@@ -54,6 +54,8 @@ class SweepSpec:
             raise ConfigError("replicates must be >= 1 and independent >= 0")
         if len(set(self.scales)) != len(self.scales) or len(set(self.steps)) != len(self.steps):
             raise ConfigError("steps and scales must not repeat values")
+        if any(not math.isfinite(x) or x < 0 for x in self.scales):
+            raise ConfigError("sweep.scales: every σ must be a finite number >= 0")
 
 
 @dataclass
@@ -65,6 +67,11 @@ class PerturbOptions:
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     seed: int = 0  # base of every perturbation's own seed
+
+    def spec(self, kind: str, scale: float, seed: int) -> PerturbSpec:
+        """The PerturbSpec of one trial: these shared options with its kind, σ and seed."""
+        return PerturbSpec(kind=kind, scale=scale, ref=self.ref, fraction=self.fraction,
+                           include=list(self.include), exclude=list(self.exclude), seed=seed)
 
 
 @dataclass
@@ -105,6 +112,8 @@ class ButterflyRecipe:
             raise ConfigError(f"sweep.steps: {bad[0]} is outside 0..{self.train.steps - 1} (train.steps)")
         if self.analysis.path == "aligned" and not self.measure.align:
             raise ConfigError("analysis.path: 'aligned' needs measure.align = true (aligned barriers are not measured)")
+        for kind in self.sweep.kinds:  # checks kinds and [perturb] now, not after the parent has trained
+            self.perturb.spec(kind, 1.0, self.perturb.seed)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -127,10 +136,8 @@ class Trial:
 
     def perturbation(self, recipe: ButterflyRecipe) -> PerturbSpec:
         """The trial's PerturbSpec; its seed depends on (kind, t, replicate) but not σ: one direction, scaled."""
-        o = recipe.perturb
-        seed = derive_seed(o.seed, recipe.train.seed, self.kind, self.t, self.replicate)
-        return PerturbSpec(kind=self.kind, scale=self.scale, ref=o.ref, fraction=o.fraction,
-                           include=list(o.include), exclude=list(o.exclude), seed=seed)
+        seed = derive_seed(recipe.perturb.seed, recipe.train.seed, self.kind, self.t, self.replicate)
+        return recipe.perturb.spec(self.kind, self.scale, seed)
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "kind": self.kind, "t": self.t, "scale": self.scale, "replicate": self.replicate}
@@ -156,10 +163,4 @@ def independent_seed(recipe: ButterflyRecipe, replicate: int) -> int:
 
 def load_butterfly_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> ButterflyRecipe:
     """Read a butterfly recipe strictly; `overrides` are `key.path=value` (TOML values) applied first."""
-    recipe = load_recipe(path, ButterflyRecipe, overrides=overrides)
-    unknown = [k for k in recipe.sweep.kinds if k not in KINDS]
-    if unknown:
-        raise ConfigError(f"sweep.kinds: unknown {unknown[0]!r}")
-    if any(not math.isfinite(x) or x < 0 for x in recipe.sweep.scales):
-        raise ConfigError("sweep.scales: every σ must be a finite number >= 0")
-    return recipe
+    return load_recipe(path, ButterflyRecipe, overrides=overrides)

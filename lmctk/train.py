@@ -26,13 +26,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmctk.errors import ConfigError, CorruptCheckpointError, MissingPathError, OutputExistsError
+from lmctk.errors import ConfigError, CorruptCheckpointError, MissingPathError
 from lmctk.io import assert_same_shapes, load_state, save_hf_dir
 from lmctk.models import build_model, model_config
 from lmctk.rundir import RunDir, environment, timestamp
 from lmctk.seeding import derive_seed
 from lmctk.tasks import Task, get_task
-from lmctk.tasks.base import DataOrder, evaluate, forward
+from lmctk.tasks.base import Batch, DataOrder, evaluate, forward
 
 TRAINER_FILE = "trainer.safetensors"
 OPTIMIZERS = ("sgd", "adamw")
@@ -130,10 +130,8 @@ class IsolatedRNG:
 
     def __init__(self, seed: int, device: torch.device) -> None:
         self.device = device
-        with torch.random.fork_rng(devices=self._devices()):
-            torch.manual_seed(seed)
-            self.cpu_state = torch.get_rng_state()
-            self.cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.cpu_state = torch.Generator().manual_seed(seed).get_state()
+        self.cuda_state = torch.Generator(device).manual_seed(seed).get_state() if device.type == "cuda" else None
 
     def _devices(self) -> list[torch.device]:
         return [self.device] if self.device.type == "cuda" else []
@@ -193,8 +191,8 @@ def init_model(config: TrainConfig, task: Task | None = None) -> nn.Module:
     """Build the configured model with weights drawn from the run's init seed only, or loaded from
     `config.init_from` (a checkpoint file, HF dir or run dir of the same architecture)."""
     task = task or get_task(config.task, **config.task_options)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(config.seed, "init"))
+    with torch.random.fork_rng(devices=[]):  # models are built on the CPU: only its generator is drawn from
+        torch.default_generator.manual_seed(derive_seed(config.seed, "init"))
         model = build_model(config.model, task, **config.model_options)
     if config.init_from is not None:
         own = model.state_dict()
@@ -202,6 +200,15 @@ def init_model(config: TrainConfig, task: Task | None = None) -> nn.Module:
         assert_same_shapes(own, loaded, "the configured model", str(config.init_from))
         model.load_state_dict(loaded)
     return model
+
+
+def step_batch(task: Task, order: DataOrder, step: int, indices: torch.Tensor | None = None) -> Batch:
+    """The training batch of `step` under `order` (on the CPU), drawn with the step's own generator.
+
+    `indices` replace the order's examples; rows kept keep their randomness (e.g. MLM masks).
+    """
+    gen = torch.Generator().manual_seed(derive_seed(order.seed, "batch", step))
+    return task.train_batch(order.indices(step) if indices is None else indices, gen)
 
 
 def model_skeleton(config: TrainConfig, task: Task | None = None) -> nn.Module:
@@ -218,9 +225,8 @@ class Trainer:
         self.task = task or get_task(config.task, **config.task_options)
         self.model = (model or init_model(config, self.task)).to(self.device)
         self.step = 0
-        self.data_seed = derive_seed(config.seed, "data")
-        self.data_order = DataOrder(self.task.num_train, self.data_seed, config.batch_size)
-        self.dropout_rng = IsolatedRNG(derive_seed(config.seed, "dropout"), self.device)
+        self.set_data_seed(derive_seed(config.seed, "data"))
+        self.set_dropout_seed(derive_seed(config.seed, "dropout"))
         self.optimizer = self._make_optimizer()
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
@@ -230,14 +236,12 @@ class Trainer:
             return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
         return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
 
-    def batch(self, step: int):
+    def batch(self, step: int) -> Batch:
         """The training batch of `step`: a pure function of the data seed and the step."""
-        indices = self.data_order.indices(step)
-        gen = torch.Generator().manual_seed(derive_seed(self.data_seed, "batch", step))
-        return self.task.train_batch(indices, gen).to(self.device)
+        return step_batch(self.task, self.data_order, step).to(self.device)
 
-    def train_step(self, batch=None) -> float:
-        """One optimiser update on this step's batch (or the given one); returns the batch loss."""
+    def train_step(self, batch: Batch | None = None) -> torch.Tensor:
+        """One optimiser update on this step's batch (or the given one); returns the batch loss (no host sync)."""
         batch = batch if batch is not None else self.batch(self.step)
         lr = lr_at(self.config, self.step)
         for group in self.optimizer.param_groups:
@@ -251,35 +255,38 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         self.step += 1
-        return loss.item()
+        return loss.detach()
 
     def evaluate(self, split: str = "test") -> dict[str, float]:
         return evaluate(self.model, self.task, split, device=self.device)
 
-    def fork(self, *, data_seed: int | None = None, dropout_seed: int | None = None) -> "Trainer":
+    def fork(self) -> "Trainer":
         """An independent copy at the same step: model, optimizer state and RNG states are deep-copied.
 
-        The child shares nothing mutable with the parent (twins and replicas); `data_seed` /
-        `dropout_seed` give it its own data-order or dropout stream from this step on.
+        The child shares nothing mutable with the parent (twins and replicas); `set_data_seed` /
+        `set_dropout_seed` give it its own streams from then on.
         """
         child = Trainer(self.config, task=self.task, model=copy.deepcopy(self.model))
         child.optimizer.load_state_dict(copy.deepcopy(self.optimizer.state_dict()))
         child.step = self.step
-        child.dropout_rng.cpu_state = self.dropout_rng.cpu_state.clone()
-        if self.dropout_rng.cuda_state is not None:
-            child.dropout_rng.cuda_state = self.dropout_rng.cuda_state.clone()
-        child.set_data_seed(self.data_seed if data_seed is None else data_seed)
-        if dropout_seed is not None:
-            child.dropout_rng = IsolatedRNG(dropout_seed, self.device)
+        child.dropout_rng.load_state_tensors(self.dropout_rng.state_tensors())
+        child.set_data_seed(self.data_seed)
         return child
+
+    @property
+    def data_seed(self) -> int:
+        return self.data_order.seed
 
     def set_data_seed(self, seed: int) -> None:
         """Draw batches from step `self.step` on with another data-order seed (Frankle et al.'s instability)."""
-        self.data_seed = seed
         self.data_order = DataOrder(self.task.num_train, seed, self.config.batch_size)
 
+    def set_dropout_seed(self, seed: int) -> None:
+        """Draw dropout masks from step `self.step` on from a fresh stream seeded with `seed`."""
+        self.dropout_rng = IsolatedRNG(seed, self.device)
+
     # -- checkpoints -------------------------------------------------------------------------
-    def save_checkpoint(self, out_dir: Path, *, overwrite: bool = True) -> None:
+    def save_checkpoint(self, out_dir: Path) -> None:
         """Write `model.safetensors` (+ `config.json` for HF models) and `trainer.safetensors`.
 
         The trainer file holds the optimizer state and the dropout RNG as tensors and the rest as
@@ -296,8 +303,6 @@ class Trainer:
         save_hf_dir(state, tmp, config=hf_config if hasattr(hf_config, "to_dict") else None)
         save_file(tensors, str(tmp / TRAINER_FILE), metadata={"lmctk": json.dumps(meta)})
         if out_dir.exists():
-            if not overwrite:
-                raise OutputExistsError(out_dir)
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
 
@@ -402,10 +407,13 @@ def fit(
         if saved != config:
             raise ConfigError(f"{out}: resume with a different config than the run's manifest; "
                               "drop --resume or use the same options")
-        trainer = Trainer(config)
         steps = run.checkpoint_steps()
         resumed_from = steps[-1] if steps else None
-        if resumed_from is not None:
+        if resumed_from is None:
+            trainer = Trainer(config)
+        else:
+            task = get_task(config.task, **config.task_options)
+            trainer = Trainer(config, task=task, model=model_skeleton(config, task))
             trainer.load_checkpoint(run.checkpoint_dir(resumed_from))
     else:
         run = RunDir.create(out, overwrite=overwrite)
@@ -432,21 +440,24 @@ def fit(
         return record
 
     checkpoints = set(config.checkpoints)
+    last = None
     if trainer.step == 0:
-        log_eval()
+        last = log_eval()
         if 0 in checkpoints:
             trainer.save_checkpoint(run.checkpoint_dir(0))
     while trainer.step < config.steps:
         trainer.train_step()
         record = None
         if trainer.step % config.eval_every == 0 or trainer.step == config.steps:
-            record = log_eval()
+            record = last = log_eval()
         if trainer.step in checkpoints:
             trainer.save_checkpoint(run.checkpoint_dir(trainer.step))
         if progress:
             progress(trainer.step, config.steps, record)
 
-    final = {split: trainer.evaluate(split) for split in ("train", "test")}
+    if last is None:  # resumed at the end: nothing was evaluated (the loop always evaluates its last step)
+        last = {split: trainer.evaluate(split) for split in ("train", "test")}
+    final = {split: last[split] for split in ("train", "test")}
     return TrainResult(run.path, trainer.step, final, time.perf_counter() - start, resumed_from)
 
 

@@ -53,7 +53,8 @@ def test_fork_shares_no_tensor_with_its_parent():
 
 def test_fork_with_other_seeds_changes_only_those_streams():
     parent = Trainer(mlp_config())
-    child = parent.fork(data_seed=123)
+    child = parent.fork()
+    child.set_data_seed(123)
     assert child.data_seed == 123 and parent.data_seed != 123
     assert not torch.equal(child.data_order.indices(0), parent.data_order.indices(0))
 
@@ -150,3 +151,31 @@ def test_vmapped_replicas_match_sequential_runs(optimizer):
         got = reps.state_dict(k)
         for name in ref:
             torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-5)
+
+
+def test_twin_a_read_from_the_parent_run_gives_the_same_trial_as_retraining_it():
+    from lmctk.butterfly import measure_steps
+
+    config = mlp_config()
+    light = MeasureSpec(every=4, points=3, final_points=3, align=False, cka=False)
+    straight, states = Trainer(config), {}
+    for step in range(config.steps + 1):
+        states[step] = {k: v.clone() for k, v in straight.model.state_dict().items()}
+        if step < config.steps:
+            straight.train_step()
+    skeleton = Trainer(config).model
+
+    def reference(step):
+        assert step in measure_steps(4, config.steps, 4)
+        skeleton.load_state_dict(states[step])
+        return skeleton
+
+    parent = Trainer(config)
+    for _ in range(4):
+        parent.train_step()
+    std = init_stds(Trainer(config).model)
+    spec = PerturbSpec(scale=0.5, seed=2)
+    lockstep = run_perturbed(parent, spec, config.steps, light, std)
+    saved = run_perturbed(parent, spec, config.steps, light, std, reference=reference)
+    lockstep.pop("seconds"), saved.pop("seconds")
+    assert saved == lockstep and len(saved["measurements"]) == 3

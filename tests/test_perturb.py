@@ -120,3 +120,29 @@ def test_bad_spec_values_are_config_errors():
         PerturbSpec(scale=-1.0)
     with pytest.raises(ConfigError, match="fraction"):
         PerturbSpec(scale=1.0, fraction=0.0)
+
+
+@pytest.mark.parametrize("family, dropout, expected", [("gpt2", 0.0, False), ("gpt_neox", 0.0, False),
+                                                       ("gpt2", 0.1, True), ("llama", 0.1, True)])
+def test_has_dropout_reads_the_family_dropout_fields_only(family, dropout, expected):
+    # GPT-2's summary_first_dropout and NeoX's classifier_dropout are unused by LM heads; Llama drops out
+    # functionally (no nn.Dropout module), so only its config field says so.
+    from lmctk.models import build_model
+    from lmctk.perturb import has_dropout
+    from lmctk.tasks import get_task
+
+    model = build_model(family, get_task("text", seq_len=8), layers=1, hidden=16, heads=2, dropout=dropout)
+    assert has_dropout(model) is expected
+
+
+def test_partial_batch_replacement_keeps_the_masks_of_the_rows_kept():
+    from lmctk.perturb import replacement_batch
+
+    trainer = Trainer(TrainConfig(task="text-mlm", model="bert", model_options={"layers": 1, "hidden": 16, "heads": 2},
+                                  steps=4, batch_size=8))
+    own = trainer.batch(trainer.step)
+    swapped, replaced = replacement_batch(trainer, PerturbSpec(kind="batch", scale=1.0, fraction=0.5, seed=3))
+    assert replaced == 4
+    kept = slice(replaced, None)
+    assert torch.equal(swapped.inputs["input_ids"][kept], own.inputs["input_ids"][kept])
+    assert torch.equal(swapped.targets[kept], own.targets[kept])

@@ -184,3 +184,12 @@ def test_torchrun_two_ranks_give_the_same_trials_as_one(tmp_path):
     assert trial_results(two) == trial_results(one)
     assert json.loads((two / "report.json").read_text())["trials"]["done"] == 5
     assert report(two, plots=False).to_dict()["final_barrier"] == report(one, plots=False).to_dict()["final_barrier"]
+
+
+def test_bad_perturb_options_and_scales_fail_before_any_training(tmp_path):
+    with pytest.raises(ConfigError, match="fraction"):
+        load_butterfly_recipe(tiny_recipe(tmp_path), ["perturb.fraction=0.0"])
+    from lmctk.sweep import SweepSpec
+
+    with pytest.raises(ConfigError, match="finite number"):
+        SweepSpec(steps=[0], scales=[-1.0])  # built in Python, not by the loader

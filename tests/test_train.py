@@ -116,6 +116,23 @@ def test_torn_journal_line_is_ignored(tmp_path):
     assert len(run.records()) == n
 
 
+def test_append_after_a_torn_line_keeps_every_new_record(tmp_path):
+    run = RunDir.create(tmp_path / "run")
+    run.append({"step": 1})
+    with open(run.journal_path, "a") as f:
+        f.write('{"step": 2, "spl')  # a kill mid-write
+    run.append({"step": 3})
+    run.append({"step": 4})
+    assert run.records() == [{"step": 1}, {"step": 3}, {"step": 4}]
+
+
+def test_corrupt_middle_journal_line_is_an_error_naming_file_and_line(tmp_path):
+    run = RunDir.create(tmp_path / "run")
+    run.journal_path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(ConfigError, match=r"metrics\.jsonl: line 2 is not JSON"):
+        run.records()
+
+
 def test_existing_run_dir_is_refused_without_overwrite(tmp_path):
     fit(small_mlp(steps=5), tmp_path / "run")
     before = (tmp_path / "run" / "manifest.json").read_text()
@@ -187,3 +204,13 @@ def test_init_from_another_architecture_names_the_mismatch(tmp_path):
     fit(small_mlp(steps=2), tmp_path / "base")
     with pytest.raises(ShapeMismatchError, match="hidden.0"):
         fit(small_mlp(steps=2, model_options={"widths": [16]}, init_from=str(tmp_path / "base")), tmp_path / "ft")
+
+
+def test_building_a_trainer_leaves_the_process_rng_alone():
+    """Init and dropout streams are private: the global CPU (and every CUDA) generator is untouched."""
+    torch.manual_seed(123)
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    Trainer(tiny_gpt2())
+    assert torch.equal(torch.get_rng_state(), cpu)
+    assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all() if cuda else [], cuda))

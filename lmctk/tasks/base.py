@@ -112,20 +112,14 @@ class TaskBase(ABC):
     def logits(self, output: Any) -> torch.Tensor:
         return output_logits(output)
 
-    def _scored(self, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat (logits, targets) pairs; causal LM logits at position t predict token t+1."""
-        if self.kind == "causal_lm":
-            logits = logits[:, :-1]
-        return logits.reshape(-1, logits.shape[-1]).float(), batch.targets.reshape(-1)
-
     def loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Mean cross-entropy over examples or scored tokens (targets of -100 are not scored)."""
-        flat_logits, targets = self._scored(logits, batch)
+        flat_logits, targets = scored_pairs(self.kind, logits, batch)
         return F.cross_entropy(flat_logits, targets, ignore_index=IGNORE_INDEX)
 
     def score(self, logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
         """Sums for aggregation: NLL (summed in float64), correct argmax predictions, and scored count."""
-        flat_logits, targets = self._scored(logits, batch)
+        flat_logits, targets = scored_pairs(self.kind, logits, batch)
         scored = targets != IGNORE_INDEX
         nll = F.cross_entropy(flat_logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
         return {
@@ -133,6 +127,16 @@ class TaskBase(ABC):
             "correct": ((flat_logits.argmax(-1) == targets) & scored).sum(),
             "count": scored.sum(),
         }
+
+
+def scored_pairs(kind: str, logits: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat (logits, targets) pairs of a task of `kind`; causal LM logits at position t predict token t+1.
+
+    Targets of IGNORE_INDEX are kept (callers mask them), so pairs line up across models.
+    """
+    if kind == "causal_lm":
+        logits = logits[:, :-1]
+    return logits.reshape(-1, logits.shape[-1]).float(), batch.targets.reshape(-1)
 
 
 def output_logits(output: Any) -> torch.Tensor:
