@@ -9,7 +9,6 @@ curve and labels seed regimes. Computation returns a `ConvergeResult`; rendering
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import re
@@ -19,15 +18,17 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call, stack_module_state, vmap
+from torch.func import functional_call, vmap
 
 from lmctk import metrics
-from lmctk.errors import ConfigError, KeyMismatchError, MissingPathError
+from lmctk.butterfly import layer_outputs
+from lmctk.errors import ConfigError, MissingPathError
 from lmctk.io import load_state
+from lmctk.loading import load_into, resolve_task, skeleton
 from lmctk.phases import PhaseFit, Regimes, detect_phases, seed_regimes
-from lmctk.tasks import Task, get_task
-from lmctk.tasks.base import IGNORE_INDEX, Batch
-from lmctk.train import TrainConfig, model_skeleton
+from lmctk.tasks import Task
+from lmctk.tasks.base import IGNORE_INDEX, Batch, scored_pairs
+from lmctk.train import TrainConfig
 
 _STEP_NAME = re.compile(r"(?:step|checkpoint-)(\d+)")
 OTHER_CLASS = "other"
@@ -38,12 +39,10 @@ OTHER_CLASS = "other"
 
 @dataclass
 class Run:
-    """One seed's checkpoints over training: step -> checkpoint dir, and how to build its model."""
+    """One seed's checkpoints over training: step -> checkpoint dir."""
 
     path: Path
     checkpoints: dict[int, Path]
-    build: Callable[[], nn.Module]
-    task_spec: tuple[str, dict[str, Any]] | None = None  # (name, options) from an lmctk manifest
 
     @classmethod
     def open(cls, path: str | Path) -> "Run":
@@ -56,26 +55,13 @@ class Run:
             from lmctk.rundir import RunDir
 
             run = RunDir.open(path)
-            config = TrainConfig.from_dict(run.manifest()["config"])
-            steps = {s: run.checkpoint_dir(s) for s in run.checkpoint_steps()}
-            task = get_task(config.task, **config.task_options)
-            return cls(path, steps, lambda: model_skeleton(config, task), (config.task, config.task_options))
+            return cls(path, {s: run.checkpoint_dir(s) for s in run.checkpoint_steps()})
         steps = {int(m[1]): d for d in path.iterdir() if d.is_dir() and (m := _STEP_NAME.fullmatch(d.name))}
         if not steps:
             raise ConfigError(
                 f"{path}: no checkpoints found; give an lmctk run dir or a dir of step<N>/ HF model dirs"
             )
-        first = steps[min(steps)]
-        if not (first / "config.json").is_file():
-            raise ConfigError(f"{first}: no config.json; HF step dirs need one to rebuild the model")
-        return cls(path, steps, lambda: _hf_skeleton(first))
-
-
-def _hf_skeleton(directory: Path) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(directory, local_files_only=True)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+        return cls(path, steps)
 
 
 def common_steps(runs: Sequence[Run], wanted: Sequence[int] | None = None) -> tuple[list[int], dict[str, list[int]]]:
@@ -166,132 +152,108 @@ def train_counts(task: Task) -> torch.Tensor | None:
 # -- evaluating K seeds at one step -------------------------------------------------------------
 
 
-def _load_into(model: nn.Module, state: dict[str, torch.Tensor], where: Path) -> None:
-    """Load strictly, except that keys tied to a loaded one (e.g. lm_head ↔ embeddings) may be absent."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected:
-        raise KeyMismatchError(f"{where}: {len(unexpected)} tensors the model does not have (e.g. {unexpected[0]}); "
-                               "the runs must share one architecture")
-    params = dict(model.named_parameters(remove_duplicate=False))
-    loaded_ptrs = {params[k].data_ptr() for k in state if k in params}
-    untied = [k for k in missing if k not in params or params[k].data_ptr() not in loaded_ptrs]
-    if untied:
-        raise KeyMismatchError(f"{where}: checkpoint lacks {len(untied)} tensors (e.g. {untied[0]}); "
-                               "the runs must share one architecture")
-
-
 @dataclass
 class StepOutputs:
     """Per-token and per-layer values of the K seeds at one step, before any summary."""
 
     kl: torch.Tensor  # [N] expected KL over ordered pairs per scored token
     nll: torch.Tensor  # [K, N]
-    targets: torch.Tensor  # [N]
-    clusters: torch.Tensor  # [N] context (example) index
     pair_kl: torch.Tensor  # [K, K] mean KL(p_i ‖ p_j) over the scored tokens
     activations: list[torch.Tensor]  # per layer [K, rows, features] on the probe batch
     diversity: list[dict[str, float]] | None = None
 
 
 class Evaluator:
-    """Holds K model copies of one architecture; `run(dirs)` evaluates them together.
+    """Runs K seeds of one architecture: one model, the seeds' states stacked once along a leading axis.
 
+    Scored tokens are the same at every step: `targets` [N] and `clusters` [N] (context index).
     Per-layer activations come from HF `hidden_states` (rows = tokens) or, for other models, from
-    forward hooks on the first `nn.ModuleList` (e.g. MLP `hidden`, CNN `blocks`; rows = examples).
+    forward hooks on the blocks of the first `nn.ModuleList` (e.g. MLP `hidden`, CNN `blocks`; rows = examples).
     """
 
-    def __init__(self, build: Callable[[], nn.Module], k: int, task: Task, *, device: str = "cpu",
+    def __init__(self, model: nn.Module, k: int, task: Task, *, device: str = "cpu",
                  batch_size: int = 16, probe: int = 16, batched: bool = True) -> None:
         self.device = torch.device(device)
-        base = build().to(self.device).eval()
-        self.models = [base] + [copy.deepcopy(base) for _ in range(k - 1)]
+        self.model = model.to(self.device).eval()
+        self.live = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+        self.stacked = {n: torch.empty((k, *t.shape), dtype=t.dtype, device=t.device) for n, t in self.live.items()}
+        self.k = k
         self.task = task
         self.batches = task.eval_batches("test", self.device, batch_size)
-        probe_split = "val" if _has_split(task, "val") else "test"
-        self.probe = task.eval_batches(probe_split, self.device, None)[0].select(slice(0, probe))
+        self.keep, self.scored_targets, self.clusters = _scored_positions(self.batches)
+        self.targets = torch.cat(self.scored_targets).cpu()
+        self.probe = task.eval_batches("val", "cpu", None)[0].select(slice(0, probe)).to(self.device)
         self.batched = batched
-        self.hidden_states = hasattr(getattr(base, "config", None), "output_hidden_states")
-        self.block_list = None if self.hidden_states else _first_module_list(base)
+        self.hidden_states = hasattr(getattr(self.model, "config", None), "output_hidden_states")
+        blocks = None if self.hidden_states else _first_module_list(self.model)
+        self.blocks = [f"{blocks[0]}.{i}" for i in range(len(blocks[1]))] if blocks else []
         self.layer_names: list[str] = []
 
     def run(self, dirs: Sequence[Path], diversity: bool = False) -> StepOutputs:
         """Load the K checkpoints `dirs` and return per-token KL/NLL and probe activations."""
-        for model, d in zip(self.models, dirs):
-            _load_into(model, load_state(d, device=self.device), d)
-        if self.batched:
-            self._stacked = stack_module_state(self.models)
-        kls, nlls, targets, clusters, divs, offset = [], [], [], [], [], 0
-        k = len(self.models)
-        pair_sums = torch.zeros(k, k, dtype=torch.float64)
+        hooked = []
         with torch.no_grad():
-            for batch in self.batches:
-                logp, tgt, ctx = self._scored(self._logits(batch.inputs), batch, offset)
-                offset += len(batch)
+            for i, d in enumerate(dirs):
+                load_into(self.model, load_state(d, device=self.device), d)
+                for name, t in self.live.items():
+                    self.stacked[name][i].copy_(t)
+                if self.blocks:  # hooks cannot see through vmap; the probe is small
+                    hooked.append(layer_outputs(self.model, self.probe, self.task, self.blocks))
+            kls, nlls, divs = [], [], []
+            pair_sums = torch.zeros(self.k, self.k, dtype=torch.float64)
+            for batch, keep, tgt in zip(self.batches, self.keep, self.scored_targets):
+                logp = self._logp(batch, keep)
                 pair = metrics.pairwise_kl(logp)
                 pair_sums += pair.double().sum(-1).cpu()
-                kls.append(pair.sum((0, 1)) / (k * (k - 1)))
+                kls.append(metrics.expected_kl(logp, pair))
                 nlls.append(-logp.gather(-1, tgt.expand(logp.shape[0], -1).unsqueeze(-1)).squeeze(-1))
-                targets.append(tgt)
-                clusters.append(ctx)
                 if diversity:
                     divs.append((len(tgt), metrics.ensemble_diversity(logp, tgt)))
-            activations = self._activations(self.probe.inputs)
-        count = sum(len(t) for t in targets)
-        return StepOutputs(torch.cat(kls).cpu(), torch.cat(nlls, 1).cpu(), torch.cat(targets).cpu(),
-                           torch.cat(clusters).cpu(), pair_sums / count, activations,
-                           _merge_diversity(divs) if diversity else None)
+            activations = self._hidden_states(self.probe.inputs) if self.hidden_states else self._hooked(hooked)
+        return StepOutputs(torch.cat(kls).cpu(), torch.cat(nlls, 1).cpu(), pair_sums / len(self.targets),
+                           activations, _merge_diversity(divs) if diversity else None)
 
-    def _stack(self, fn: Callable[[nn.Module, dict[str, torch.Tensor]], Any], inputs: dict[str, torch.Tensor]):
-        """fn(model, inputs) for the K models: one vmap over stacked parameters, or a loop."""
-        if not self.batched:
-            outs = [fn(m, inputs) for m in self.models]
-            return tuple(map(torch.stack, zip(*outs))) if isinstance(outs[0], tuple) else torch.stack(outs)
-        base = self.models[0]
-        params, buffers = self._stacked
+    def _stack(self, fn: Callable[[Callable[..., Any], dict[str, torch.Tensor]], torch.Tensor],
+               inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """fn(model, inputs) [K, ...] for the K stacked states: one vmap, or one seed at a time."""
 
-        def call(p, b, x):
-            return fn(lambda **kw: functional_call(base, (p, b), (), kw), x)
+        def call(state, x):
+            return fn(lambda **kw: functional_call(self.model, state, (), kw), x)
 
-        return vmap(call, in_dims=(0, 0, None))(params, buffers, inputs)
+        if self.batched:
+            return vmap(call, in_dims=(0, None))(self.stacked, inputs)
+        return torch.stack([call({n: t[i] for n, t in self.stacked.items()}, inputs) for i in range(self.k)])
 
-    def _logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self._stack(lambda m, x: self.task.logits(m(**x)), inputs)
+    def _logp(self, batch: Batch, keep: torch.Tensor) -> torch.Tensor:
+        """fp32 log-probs [K, N, V] of the scored positions (`keep`) of `batch`."""
+        kind, logits = self.task.kind, self.task.logits
+        flat = self._stack(lambda m, x: scored_pairs(kind, logits(m(**x)), batch)[0], batch.inputs)
+        return flat.log_softmax(-1)[:, keep]
 
-    def _activations(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Per layer [K, rows, features] on the probe inputs (float32, CPU); [] when none are exposed."""
-        if self.hidden_states:
-            hidden = self._stack(lambda m, x: torch.stack(m(**x, output_hidden_states=True).hidden_states), inputs)
-            self.layer_names = ["embed"] + [f"layer{i}" for i in range(1, hidden.shape[1])]
-            return [h.reshape(h.shape[0], -1, h.shape[-1]).float().cpu() for h in hidden.unbind(1)]
-        if self.block_list is None:
-            return []
-        name, _ = self.block_list
-        per_model = []
-        for model in self.models:  # hooks cannot see through vmap; the probe is small
-            captured: list[torch.Tensor] = []
-            blocks = model.get_submodule(name)
-            handles = [b.register_forward_hook(lambda mod, i, o: captured.append(o[0] if isinstance(o, tuple) else o))
-                       for b in blocks]
-            try:
-                model(**inputs)
-            finally:
-                for h in handles:
-                    h.remove()
-            per_model.append(captured)
-        self.layer_names = [f"{name}.{i}" for i in range(len(per_model[0]))]
-        return [torch.stack([acts[i] for acts in per_model]).flatten(2).float().cpu() for i in range(len(per_model[0]))]
+    def _hidden_states(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Per layer [K, tokens, features] of the HF hidden states on the probe (float32, CPU)."""
+        hidden = self._stack(lambda m, x: torch.stack(m(**x, output_hidden_states=True).hidden_states), inputs)
+        self.layer_names = ["embed"] + [f"layer{i}" for i in range(1, hidden.shape[1])]
+        return [h.reshape(h.shape[0], -1, h.shape[-1]).float().cpu() for h in hidden.unbind(1)]
 
-    def _scored(self, logits: torch.Tensor, batch: Batch, offset: int):
-        """fp32 log-probs [K, N, V] of the scored positions, their targets [N] and contexts [N]."""
-        if self.task.kind == "causal_lm":
-            logits = logits[:, :, :-1]
-        targets = batch.targets
-        ctx = torch.arange(offset, offset + len(batch), device=targets.device)
-        ctx = ctx.reshape(-1, *([1] * (targets.dim() - 1))).expand_as(targets).reshape(-1)
-        targets = targets.reshape(-1)
-        keep = targets != IGNORE_INDEX
-        logp = logits.reshape(logits.shape[0], -1, logits.shape[-1]).float().log_softmax(-1)
-        return logp[:, keep], targets[keep], ctx[keep]
+    def _hooked(self, per_seed: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """Per block [K, examples, features] from each seed's hooked outputs; [] when there are no blocks."""
+        self.layer_names = list(per_seed[0]) if per_seed else []
+        return [torch.stack([outs[n] for outs in per_seed]).cpu() for n in self.layer_names]
+
+
+def _scored_positions(batches: list[Batch]) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Per batch the mask of scored positions and their targets; each scored token's context (CPU)."""
+    keep, targets, clusters, offset = [], [], [], 0
+    for batch in batches:
+        flat = batch.targets.reshape(-1)
+        ctx = torch.arange(offset, offset + len(batch), device=flat.device)
+        ctx = ctx.repeat_interleave(flat.numel() // len(batch))
+        keep.append(flat != IGNORE_INDEX)
+        targets.append(flat[keep[-1]])
+        clusters.append(ctx[keep[-1]])
+        offset += len(batch)
+    return keep, targets, torch.cat(clusters).cpu()
 
 
 def finite_mean(values: list[float]) -> float:
@@ -314,13 +276,6 @@ def _by_seed(per_layer: list[list[float]], k: int) -> list[list[float]]:
 def _first_module_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """The first `nn.ModuleList` in the model (its blocks), by registration order."""
     return next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)), None)
-
-
-def _has_split(task: Task, split: str) -> bool:
-    try:
-        return len(task.eval_batches(split, "cpu", None)) > 0
-    except ConfigError:
-        return False
 
 
 def _merge_diversity(parts: list[tuple[int, list[dict[str, float]]]]) -> list[dict[str, float]]:
@@ -424,38 +379,25 @@ def _layer_summaries(activations: list[torch.Tensor]) -> dict[str, list]:
     return stats
 
 
-StrataLabels = dict[str, tuple[Callable[[StepOutputs], torch.Tensor], list[str]]]
-
-
-def _strata_labels(task: Task, final: StepOutputs, classes: str | Path | None, notes: list[str]) -> StrataLabels:
-    """Per kind of strata: how to label a step's scored tokens, and the stratum names.
+def _strata_labels(task: Task, targets: torch.Tensor, final_nll: torch.Tensor, classes: str | Path | None,
+                   notes: list[str]) -> dict[str, tuple[torch.Tensor, list[str]]]:
+    """Per kind of strata: the stratum of every scored token (the same at every step), and the names.
 
     Frequency: log-decade of the target's count in the training stream; surprisal: bin of each
-    token's seed-mean surprisal at the final step (tokens are in the same order at every step);
-    classes: the user's token classes of the target.
+    token's seed-mean surprisal at the final step; classes: the user's token classes of the target.
     """
-    labels: StrataLabels = {}
+    strata = {}
     counts = train_counts(task)
     if counts is not None:
         buckets, names = metrics.frequency_buckets(counts)
-        labels["frequency"] = (lambda o: buckets[o.targets], names)
+        strata["frequency"] = (buckets[targets], names)
     else:
         notes.append("frequency strata skipped: the task has no training token stream")
-    bins = metrics.surprisal_bins(final.nll.mean(0))
-    labels["surprisal"] = (lambda o: bins, list(metrics.SURPRISAL_BINS))
+    strata["surprisal"] = (metrics.surprisal_bins(final_nll.mean(0)), list(metrics.SURPRISAL_BINS))
     if classes is not None:
         class_of, class_names = load_classes(classes, task)
-        labels["classes"] = (lambda o: class_of[o.targets], class_names)
-    return labels
-
-
-def _strata(out: StepOutputs, strata_labels: StrataLabels) -> dict[str, list[dict[str, Any]]]:
-    """KL per stratum (count, mean, SE) for every kind of strata."""
-    result = {}
-    for kind, (labels_of, names) in strata_labels.items():
-        labels = labels_of(out)
-        result[kind] = metrics.stratified_means(out.kl, labels, out.clusters, names)
-    return result
+        strata["classes"] = (class_of[targets], class_names)
+    return strata
 
 
 def converge(
@@ -485,18 +427,11 @@ def converge(
     opened = [Run.open(r) for r in runs]
     if len(opened) < 2:
         raise ConfigError(f"converge needs at least 2 runs (seeds), got {len(opened)}")
-    if task is None or isinstance(task, str):
-        name, options = (task, task_options or {}) if task else (None, {})
-        if name is None:
-            spec = next((r.task_spec for r in opened if r.task_spec), None)
-            if spec is None:
-                raise ConfigError("--task: the runs have no lmctk manifest; name the task they were trained on")
-            name, options = spec[0], {**spec[1], **(task_options or {})}
-        task = get_task(name, **options)
+    task = resolve_task(task, task_options, runs)
     chosen, missing = common_steps(opened, steps)
     k = len(opened)
-    evaluator = Evaluator(opened[0].build, k, task, device=device, batch_size=batch_size, probe=probe,
-                          batched=batched)
+    evaluator = Evaluator(skeleton(opened[0].checkpoints[chosen[0]], task), k, task, device=device,
+                          batch_size=batch_size, probe=probe, batched=batched)
     notes = []
     # the final step first: its surprisal defines the surprisal strata of every step
     order = [chosen[-1], *chosen[:-1]]
@@ -510,7 +445,7 @@ def converge(
         if progress:
             progress(n + 1, len(order))
     final = outputs[chosen[-1]]
-    strata_labels = _strata_labels(task, final, classes, notes)
+    strata = _strata_labels(task, evaluator.targets, final.nll, classes, notes)
     notes.append(f"surprisal bins: each token's surprisal averaged over the {k} seeds at the final common step "
                  f"{chosen[-1]}")
     layers = evaluator.layer_names
@@ -519,11 +454,13 @@ def converge(
     per_step = []
     for s in chosen:
         out = outputs[s]
-        kl_mean, kl_se = metrics.clustered_mean(out.kl, out.clusters)
+        kl_mean, kl_se = metrics.clustered_mean(out.kl, evaluator.clusters)
         losses = out.nll.double().mean(1)
         lay = layer_stats[s]
         per_step.append(StepMetrics(
-            step=s, kl=kl_mean, kl_se=kl_se, kl_pairs=out.pair_kl.tolist(), strata=_strata(out, strata_labels),
+            step=s, kl=kl_mean, kl_se=kl_se, kl_pairs=out.pair_kl.tolist(),
+            strata={kind: metrics.stratified_means(out.kl, labels, evaluator.clusters, names)
+                    for kind, (labels, names) in strata.items()},
             fingerprint_raw=lay["raw"], fingerprint_centred=lay["centred"],
             fingerprint_seed=_by_seed(lay["seed_fp"], k), cka=lay["cka"], cka_seed=_by_seed(lay["seed_cka"], k),
             losses=losses.tolist(), loss=metrics.loss_spread(losses),

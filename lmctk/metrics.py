@@ -135,15 +135,16 @@ def pairwise_kl(logp: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def expected_kl(logp: torch.Tensor) -> torch.Tensor:
+def expected_kl(logp: torch.Tensor, pairs: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token KL averaged over all ordered seed pairs i≠j: logp [K, N, V] -> [N] (fp32).
 
     Its mean over tokens is the expected per-token KL; convergence (Fehlauer et al.) is its negative.
+    `pairs` is `pairwise_kl(logp)` when the caller already has it.
     """
     k = logp.shape[0]
     if k < 2:
         raise ConfigError(f"seed convergence needs at least 2 seeds, got {k}")
-    return pairwise_kl(logp).sum((0, 1)) / (k * (k - 1))
+    return (pairwise_kl(logp) if pairs is None else pairs).sum((0, 1)) / (k * (k - 1))
 
 
 def clustered_mean(values: torch.Tensor, clusters: torch.Tensor) -> tuple[float, float]:

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from lmctk.cli import main
-from lmctk.converge import ConvergeRecipe, converge, load_converge_recipe
+from lmctk.converge import ConvergeRecipe, converge, load_classes, load_converge_recipe
 from lmctk.errors import ConfigError
 from lmctk.phases import PHASES, detect_phases, seed_regimes
+from lmctk.tasks import get_task
 from lmctk.train import TrainConfig, fit
 
 TASK_OPTIONS = {"seq_len": 16, "eval_windows": 8}
@@ -82,6 +83,16 @@ def test_strata_means_weighted_by_count_give_the_overall_kl(runs, tmp_path):
             assert weighted == pytest.approx(s.kl, rel=1e-6), kind
     names = [r["stratum"] for r in result.per_step[0].strata["classes"]]
     assert names == ["other", "vowel", "space", "newline"]
+
+
+def test_classes_file_can_name_the_mlm_mask_token(tmp_path):
+    task = get_task("text-mlm", **TASK_OPTIONS)  # byte vocabulary: the mask is the extra id 256
+    assert task.decode(torch.tensor([104, 256, 256, 105])) == "h<mask><mask>i"
+    classes = tmp_path / "classes.tsv"
+    classes.write_text("<mask>\tmask\ne\tvowel\n")
+    labels, names = load_classes(classes, task)
+    assert names == ["other", "mask", "vowel"]
+    assert labels[task.mask_id] == 1 and labels[ord("e")] == 2 and len(labels) == 257
 
 
 def test_missing_step_is_reported_not_guessed(runs, tmp_path):
@@ -229,6 +240,27 @@ def test_recipe_in_repo_parses_and_unknown_keys_are_errors(tmp_path):
     bad.write_text('[converge]\nseeds = [0, 1]\n[train]\ntask = "text"\nstpes = 5\n')
     with pytest.raises(ConfigError, match="train.stpes: unknown key"):
         load_converge_recipe(bad)
+
+
+def test_cli_options_override_the_recipe(tmp_path, monkeypatch):
+    import lmctk.converge
+
+    class Analysed(Exception):
+        pass
+
+    def analyse(runs, task, **kw):
+        raise Analysed(kw)
+
+    monkeypatch.setattr(lmctk.converge, "train_seeds", lambda spec, out, **kw: [out / "seed0", out / "seed1"])
+    monkeypatch.setattr(lmctk.converge, "converge", analyse)
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text('[converge]\nseeds = [0, 1]\nprobe = 4\nbatch_size = 4\nregimes = "cka"\n'
+                      '[train]\ntask = "text"\nmodel = "gpt_neox"\nsteps = 8\n')
+    with pytest.raises(Analysed) as got:
+        main(["converge", "--recipe", str(recipe), "--out", str(tmp_path / "runs"), "--probe", "2",
+              "--regimes", "fingerprint"])
+    kw = got.value.args[0]
+    assert (kw["probe"], kw["batch_size"], kw["regimes_from"]) == (2, 4, "fingerprint")
 
 
 @pytest.mark.slow

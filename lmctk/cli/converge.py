@@ -18,9 +18,10 @@ def converge(
     task_opt: list[str] = typer.Option([], "--task-opt", help="Task option key=value (repeatable)."),
     steps: Optional[str] = typer.Option(None, help="Analyse only these common steps, e.g. 0,10,100."),
     classes: Optional[Path] = typer.Option(None, help="Token classes: JSON {token: class} or token<TAB>class lines."),
-    probe: int = typer.Option(16, help="Probe examples (windows) for fingerprints and CKA."),
-    batch_size: int = typer.Option(16, help="Eval examples per forward of the K stacked models."),
-    regimes: str = typer.Option("fingerprint", help="Seed regimes from: fingerprint (centred cosine) or cka."),
+    probe: Optional[int] = typer.Option(None, help="Probe examples for fingerprints/CKA (default: recipe's, else 16)."),
+    batch_size: Optional[int] = typer.Option(None, help="Eval examples per forward (default: recipe's, else 16)."),
+    regimes: Optional[str] = typer.Option(None, help="Seed regimes from fingerprint (centred cosine) or cka "
+                                                     "(default: recipe's, else fingerprint)."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N."),
     no_vmap: bool = typer.Option(False, "--no-vmap", help="Evaluate the seeds one at a time instead of stacked."),
     recipe: Optional[Path] = typer.Option(None, help="Train the recipe's seeds into --out first, then analyse them."),
@@ -38,6 +39,7 @@ def converge(
 
     options = parse_options(task_opt, "--task-opt")
     class_file = classes
+    settings = {"probe": probe, "batch_size": batch_size, "regimes_from": regimes}  # None: the recipe's, else default
     if recipe is not None:
         if runs:
             raise ConfigError("--recipe trains its own seeds; give either run dirs or --recipe")
@@ -52,15 +54,17 @@ def converge(
         with console.status("training seeds") as status:
             runs = train_seeds(spec, out, overwrite=retrain,
                                progress=lambda n, total: status.update(f"trained seed {n}/{total}"))
-        probe, batch_size, regimes = spec.converge.probe, spec.converge.batch_size, spec.converge.regimes
+        recipe_settings = {"probe": spec.converge.probe, "batch_size": spec.converge.batch_size,
+                           "regimes_from": spec.converge.regimes}
+        settings = {key: recipe_settings[key] if value is None else value for key, value in settings.items()}
         class_file = class_file or (Path(spec.converge.classes) if spec.converge.classes else None)
     if not runs or len(runs) < 2:
         raise ConfigError("converge needs at least 2 run dirs (or --recipe FILE --out DIR)")
     with console.status("evaluating seeds") as status:
         result = analyse(
             runs, task, task_options=options, steps=parse_steps(steps) if steps else None, classes=class_file,
-            probe=probe, batch_size=batch_size, device=device, batched=not no_vmap, regimes_from=regimes,
-            progress=lambda n, total: status.update(f"evaluated step {n}/{total}"),
+            device=device, batched=not no_vmap, progress=lambda n, total: status.update(f"evaluated step {n}/{total}"),
+            **{key: value for key, value in settings.items() if value is not None},
         )
     console.print(result)
     if plot is not None:

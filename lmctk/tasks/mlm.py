@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ from lmctk.errors import ConfigError
 from lmctk.tasks.base import IGNORE_INDEX, Batch
 from lmctk.tasks.text import TextTask
 from lmctk.tasks.tokens import Tokens, load_tokens
+
+MASK_TEXT = "<mask>"
 
 
 def mask_tokens(
@@ -47,6 +50,11 @@ class MaskedTextTask(TextTask):
 
     def model_options(self) -> dict[str, Any]:
         return {"vocab_size": max(self.tokens.vocab_size, self.mask_id + 1), "max_positions": self.seq_len}
+
+    def decode(self, ids: torch.Tensor) -> str:
+        """Text of a 1-D sequence of token ids; the mask id (maybe outside the stream's vocabulary) reads "<mask>"."""
+        runs = groupby(ids.tolist(), lambda i: i == self.mask_id)
+        return "".join(MASK_TEXT * len(list(run)) if masked else self.tokens.decode(list(run)) for masked, run in runs)
 
     def make_batch(self, windows: torch.Tensor, generator: torch.Generator) -> Batch:
         inputs, labels = mask_tokens(windows, generator, self.mask_id, self.tokens.vocab_size, self.mask_prob)
