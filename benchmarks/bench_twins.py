@@ -5,7 +5,8 @@ prints markdown tables for benchmarks/RESULTS.md (fastest of `--repeats` round-r
 same process). Targets (DESIGN.md): twins ≤ 2.1× one run; K vmapped replicas faster than K sequential runs.
 - one run: `Trainer.train_step` for `--steps` steps;
 - twins: `lmctk.butterfly.train_twins` (two forked trainers in lockstep, one batch built per step and
-  fed to both, no measurements), i.e. what a butterfly trial pays for training;
+  fed to both, no measurements): the cost of two replicas in lockstep (a butterfly trial now trains
+  only B; twin A is read from the parent run's checkpoints);
 - K sequential: K `Trainer` runs one after another; K vmapped: `lmctk.replicas.Replicas` (stacked
   parameters, one `vmap(grad)` per step).
 """
