@@ -51,6 +51,18 @@ def small_state() -> dict[str, torch.Tensor]:
     }
 
 
+def write_sharded_bin(directory, state):
+    """An HF dir of two `pytorch_model-*.bin` shards plus their index, as older checkpoints ship."""
+    directory.mkdir()
+    names = list(state)
+    halves = {"pytorch_model-00001-of-00002.bin": names[:3], "pytorch_model-00002-of-00002.bin": names[3:]}
+    for file, keys in halves.items():
+        torch.save({k: state[k] for k in keys}, directory / file)
+    weight_map = {k: file for file, keys in halves.items() for k in keys}
+    (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return directory
+
+
 def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     for key in a:
@@ -150,28 +162,14 @@ def test_pytorch_model_bin_dirs_single_and_sharded(tmp_path):
     torch.save(state, single / "pytorch_model.bin")
     assert_bitwise_equal(load_state(single), state)
 
-    sharded = tmp_path / "bin_sharded"
-    sharded.mkdir()
-    names = list(state)
-    halves = {"pytorch_model-00001-of-00002.bin": names[:3], "pytorch_model-00002-of-00002.bin": names[3:]}
-    for file, keys in halves.items():
-        torch.save({k: state[k] for k in keys}, sharded / file)
-    weight_map = {k: file for file, keys in halves.items() for k in keys}
-    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    sharded = write_sharded_bin(tmp_path / "bin_sharded", state)
     assert_bitwise_equal(load_state(sharded), state)
     assert inspect_checkpoint(sharded).format == "hf-sharded-bin"
 
 
 def test_lazy_state_reads_every_shard_of_a_sharded_bin_dir_and_locates_once(tmp_path, monkeypatch):
     state = small_state()
-    sharded = tmp_path / "bin_sharded"
-    sharded.mkdir()
-    names = list(state)
-    halves = {"pytorch_model-00001-of-00002.bin": names[:3], "pytorch_model-00002-of-00002.bin": names[3:]}
-    for file, keys in halves.items():
-        torch.save({k: state[k] for k in keys}, sharded / file)
-    weight_map = {k: file for file, keys in halves.items() for k in keys}
-    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    sharded = write_sharded_bin(tmp_path / "bin_sharded", state)
     lazy = LazyState(sharded)
     import lmctk.io.layout
 
