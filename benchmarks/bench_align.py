@@ -18,7 +18,7 @@ import transformers
 from rich.console import Console
 from rich.table import Table
 
-from lmctk.align import weight_matching
+from lmctk.basin.align import weight_matching
 from lmctk.spec import spec_for
 
 

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from lmctk.interp import alpha_grid, evaluate_path
+from lmctk.basin.path import alpha_grid, evaluate_path
 from lmctk.models import build_model
 from lmctk.tasks import get_task
 

@@ -20,7 +20,7 @@ import scipy
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from lmctk.lap import available_backends, objective, solve
+from lmctk.basin.lap import available_backends, objective, solve
 
 FULL = [(1, 16), (16, 16), (16, 64), (64, 128), (64, 512), (8, 1024), (1, 4096)]
 QUICK = [(1, 16), (16, 64), (16, 128), (8, 256), (1, 1024)]

@@ -42,9 +42,9 @@ def child(method: str, out: str, paths: list[str]) -> None:
     """Run one soup and print {"peak_kib", "seconds"} as JSON (in a fresh process)."""
     start = time.perf_counter()
     if method == "stream":
-        from lmctk.soup import IngredientSpec, SoupRecipe, SoupSpec, soup_files
+        from lmctk.soup import IngredientConfig, SoupConfig, SoupRecipe, soup_files
 
-        soup_files(SoupRecipe(SoupSpec([IngredientSpec(p) for p in paths], out=out)))
+        soup_files(SoupRecipe(SoupConfig([IngredientConfig(p) for p in paths], out=out)))
     else:  # naive: every state in memory, then the mean, then one save
         from lmctk.io import load_state, save_hf_dir
 

@@ -4,10 +4,10 @@ Run: `.venv/bin/python benchmarks/bench_twins.py [--steps 300] [--repeats 3] [--
 prints markdown tables for benchmarks/RESULTS.md (fastest of `--repeats` round-robin runs, ratios measured in the
 same process). Targets (DESIGN.md): twins ≤ 2.1× one run; K vmapped replicas faster than K sequential runs.
 - one run: `Trainer.train_step` for `--steps` steps;
-- twins: `lmctk.butterfly.train_twins` (two forked trainers in lockstep, one batch built per step and
+- twins: `lmctk.dynamics.butterfly.twins.train_twins` (two forked trainers in lockstep, one batch built per step and
   fed to both, no measurements): the cost of two replicas in lockstep (a butterfly trial now trains
   only B; twin A is read from the parent run's checkpoints);
-- K sequential: K `Trainer` runs one after another; K vmapped: `lmctk.replicas.Replicas` (stacked
+- K sequential: K `Trainer` runs one after another; K vmapped: `lmctk.train.replicas.Replicas` (stacked
   parameters, one `vmap(grad)` per step).
 """
 
@@ -20,10 +20,10 @@ import time
 
 import torch
 
-from lmctk.butterfly import MeasureSpec, train_twins
-from lmctk.replicas import Replicas
+from lmctk.dynamics.butterfly.twins import MeasureConfig, train_twins
 from lmctk.tasks import get_task
 from lmctk.train import TrainConfig, Trainer
+from lmctk.train.replicas import Replicas
 
 TASK = get_task("digits")  # shared: loading the data is not what is measured
 
@@ -59,7 +59,7 @@ def one_run(c: TrainConfig) -> None:
 
 def twins(c: TrainConfig) -> None:
     parent = Trainer(c, task=TASK)
-    train_twins(parent.fork(), parent.fork(), c.steps, [], MeasureSpec())
+    train_twins(parent.fork(), parent.fork(), c.steps, [], MeasureConfig())
 
 
 def sequential(c: TrainConfig, k: int) -> None:

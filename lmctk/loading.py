@@ -15,8 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmctk.errors import ConfigError
+from lmctk.errors import ConfigError, KeyMismatchError
 from lmctk.io import load_state, resolve_checkpoint
+from lmctk.models import build_model
+from lmctk.models.hf import model_from_config
+from lmctk.rundir import RunDir
 from lmctk.tasks import Task, get_task
 
 
@@ -30,8 +33,6 @@ def run_dir_of(path: str | Path) -> Path | None:
 
 
 def _manifest(run: Path) -> dict[str, Any]:
-    from lmctk.rundir import RunDir
-
     return RunDir.open(run).manifest()
 
 
@@ -55,7 +56,7 @@ def model_config_of(path: str | Path) -> Any:
     return json.loads(config.read_text())
 
 
-def skeleton(path: str | Path, task: Task | None = None) -> nn.Module:
+def checkpoint_skeleton(path: str | Path, task: Task | None = None) -> nn.Module:
     """A model with the architecture of the checkpoint at `path` (weights to be loaded by the caller).
 
     For an HF dir whose config names no architecture, the task's kind picks the LM head (see
@@ -64,9 +65,8 @@ def skeleton(path: str | Path, task: Task | None = None) -> nn.Module:
     """
     run = run_dir_of(path)
     if run is not None:
-        from lmctk.train import TrainConfig, model_skeleton
-
-        return model_skeleton(TrainConfig.from_dict(_manifest(run)["config"]), task)
+        built = _manifest(run)["model"]  # every option resolved when the run was made: no task needed
+        return build_model(built["name"], **built["options"])
     config_file = resolve_checkpoint(path) / "config.json"
     if not config_file.is_file():
         raise ConfigError(
@@ -74,8 +74,6 @@ def skeleton(path: str | Path, task: Task | None = None) -> nn.Module:
             "give run dirs or Hugging Face model dirs"
         )
     import transformers
-
-    from lmctk.models.hf import model_from_config
 
     config = transformers.AutoConfig.from_pretrained(config_file.parent, local_files_only=True)
     config._attn_implementation = "eager"
@@ -98,7 +96,7 @@ def load_model_state(path: str | Path, task: Task | None = None) -> tuple[nn.Mod
     """(model skeleton, its state at `path`, the run's task or None) for any checkpoint path."""
     found = task_of(path)
     task = task or (get_task(found[0], **found[1]) if found else None)
-    model = skeleton(path, task)
+    model = checkpoint_skeleton(path, task)
     state = load_state(path)
     load_into(model, state, path)
     return model, state, task
@@ -107,8 +105,6 @@ def load_model_state(path: str | Path, task: Task | None = None) -> tuple[nn.Mod
 def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], where: object) -> None:
     """Load `state` strictly, except that keys tied to a loaded one may be absent (an HF checkpoint
     saved by `save_pretrained` omits `lm_head.weight` when it is the embedding)."""
-    from lmctk.errors import KeyMismatchError
-
     missing, unexpected = model.load_state_dict(dict(state), strict=False)
     if unexpected:
         raise KeyMismatchError(f"{where}: {len(unexpected)} tensors the model does not have "

@@ -6,7 +6,12 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from lmctk.align import activation_matching, apply, independent_rounds, weight_matching
+from lmctk.basin.align import (
+    activation_matching,
+    apply,
+    independent_rounds,
+    weight_matching,
+)
 from lmctk.errors import KeyMismatchError
 from lmctk.io import LazyState, save_state
 from lmctk.models import build_model

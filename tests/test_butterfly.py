@@ -7,9 +7,16 @@ import math
 import pytest
 import torch
 
-from lmctk.butterfly import DeterminismError, MeasureSpec, measure, measure_steps, run_perturbed, verify_twins
-from lmctk.butterfly_report import phase_label, sigma_star
-from lmctk.perturb import PerturbSpec, init_stds
+from lmctk.dynamics.butterfly.perturb import PerturbConfig, init_stds
+from lmctk.dynamics.butterfly.report import phase_label, sigma_star
+from lmctk.dynamics.butterfly.twins import (
+    DeterminismError,
+    MeasureConfig,
+    measure,
+    measure_steps,
+    run_perturbed,
+    verify_twins,
+)
 from lmctk.train import TrainConfig, Trainer, deterministic
 
 
@@ -90,7 +97,7 @@ def test_final_measurement_has_both_barriers_aligned_cka_and_disagreement():
     a, b = Trainer(config), Trainer(TrainConfig(**{**config.to_dict(), "seed": 1}))
     for _ in range(10):
         a.train_step(), b.train_step()
-    m = measure(a.model, b.model, a.task, MeasureSpec(points=5, final_points=5, probe=64), final=True)
+    m = measure(a.model, b.model, a.task, MeasureConfig(points=5, final_points=5, probe=64), final=True)
     for path in (m, m["aligned"]):
         assert set(path["barrier"]) == {"loss", "error"}
         assert set(path["barrier"]["loss"]) == {"mean_endpoint", "linear"}
@@ -100,7 +107,7 @@ def test_final_measurement_has_both_barriers_aligned_cka_and_disagreement():
         assert -1.0 <= value <= 1.0 + 1e-9
         assert m["angular_cka"][layer] == pytest.approx(math.acos(min(value, 1.0)))
     assert 0.0 < m["disagreement"] < 1.0
-    same = measure(a.model, a.model, a.task, MeasureSpec(points=3, final_points=3, probe=64), final=True)
+    same = measure(a.model, a.model, a.task, MeasureConfig(points=3, final_points=3, probe=64), final=True)
     assert same["disagreement"] == 0.0 and same["l2"] == 0.0 and same["bitwise_equal"]
     assert all(v == pytest.approx(1.0) for v in same["cka"].values())
 
@@ -124,20 +131,20 @@ def test_sigma_star_is_fitted_on_log10_sigma():
 def test_early_perturbation_leaves_a_larger_barrier_than_a_late_one():
     config = mlp_config(model_options={"widths": [32]}, steps=150, batch_size=32)
     std = init_stds(Trainer(config).model)
-    light = MeasureSpec(points=11, final_points=11, align=False, cka=False)
+    light = MeasureConfig(points=11, final_points=11, align=False, cka=False)
     finals = {}
     for t in (0, 100):
         parent = Trainer(config)
         for _ in range(t):
             parent.train_step()
-        r = run_perturbed(parent, PerturbSpec(scale=3.0, seed=5), config.steps, light, std)
+        r = run_perturbed(parent, PerturbConfig(scale=3.0, seed=5), config.steps, light, std)
         finals[t] = r["final"]["barrier"]["loss"]["mean_endpoint"]
     assert finals[0] > 2 * finals[100]
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_vmapped_replicas_match_sequential_runs(optimizer):
-    from lmctk.replicas import Replicas
+    from lmctk.train.replicas import Replicas
 
     config = mlp_config(optimizer=optimizer, steps=10, weight_decay=1e-3, lr=0.05 if optimizer == "sgd" else 1e-2)
     reps = Replicas(config, seeds=[0, 1, 2])
@@ -154,10 +161,10 @@ def test_vmapped_replicas_match_sequential_runs(optimizer):
 
 
 def test_twin_a_read_from_the_parent_run_gives_the_same_trial_as_retraining_it():
-    from lmctk.butterfly import measure_steps
+    from lmctk.dynamics.butterfly.twins import measure_steps
 
     config = mlp_config()
-    light = MeasureSpec(every=4, points=3, final_points=3, align=False, cka=False)
+    light = MeasureConfig(every=4, points=3, final_points=3, align=False, cka=False)
     straight, states = Trainer(config), {}
     for step in range(config.steps + 1):
         states[step] = {k: v.clone() for k, v in straight.model.state_dict().items()}
@@ -174,7 +181,7 @@ def test_twin_a_read_from_the_parent_run_gives_the_same_trial_as_retraining_it()
     for _ in range(4):
         parent.train_step()
     std = init_stds(Trainer(config).model)
-    spec = PerturbSpec(scale=0.5, seed=2)
+    spec = PerturbConfig(scale=0.5, seed=2)
     lockstep = run_perturbed(parent, spec, config.steps, light, std)
     saved = run_perturbed(parent, spec, config.steps, light, std, reference=reference)
     lockstep.pop("seconds"), saved.pop("seconds")

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from lmctk.cli import main
-from lmctk.converge import ConvergeRecipe, converge, load_classes, load_converge_recipe
+from lmctk.dynamics.converge.analysis import converge
+from lmctk.dynamics.converge.inputs import load_classes
+from lmctk.dynamics.converge.phases import PHASES, detect_phases, seed_regimes
+from lmctk.dynamics.converge.recipe import ConvergeRecipe, load_converge_recipe
 from lmctk.errors import ConfigError
-from lmctk.phases import PHASES, detect_phases, seed_regimes
 from lmctk.tasks import get_task
 from lmctk.train import TrainConfig, fit
 
@@ -243,7 +245,7 @@ def test_recipe_in_repo_parses_and_unknown_keys_are_errors(tmp_path):
 
 
 def test_cli_options_override_the_recipe(tmp_path, monkeypatch):
-    import lmctk.converge
+    import lmctk.dynamics.converge.analysis
 
     class Analysed(Exception):
         pass
@@ -251,8 +253,8 @@ def test_cli_options_override_the_recipe(tmp_path, monkeypatch):
     def analyse(runs, task, **kw):
         raise Analysed(kw)
 
-    monkeypatch.setattr(lmctk.converge, "train_seeds", lambda spec, out, **kw: [out / "seed0", out / "seed1"])
-    monkeypatch.setattr(lmctk.converge, "converge", analyse)
+    monkeypatch.setattr(lmctk.dynamics.converge.recipe, "train_seeds", lambda spec, out, **kw: [out / "seed0", out / "seed1"])
+    monkeypatch.setattr(lmctk.dynamics.converge.analysis, "converge", analyse)
     recipe = tmp_path / "tiny.toml"
     recipe.write_text('[converge]\nseeds = [0, 1]\nprobe = 4\nbatch_size = 4\nregimes = "cka"\n'
                       '[train]\ntask = "text"\nmodel = "gpt_neox"\nsteps = 8\n')

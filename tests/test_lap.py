@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.optimize import linear_sum_assignment
 
-from lmctk import lap
+from lmctk.basin import lap
+from lmctk.basin.lap import available_backends, objective, solve
 from lmctk.errors import ConfigError
-from lmctk.lap import available_backends, objective, solve
 
 HAS_LAPX = "lapx" in available_backends()
 GPU_REASON = lap._gpu_unavailable()

@@ -110,15 +110,15 @@ def test_section_selects_a_table_and_parse_works_on_plain_data(tmp_path):
 
 def test_soup_recipe_round_trips_through_toml(tmp_path):
     from lmctk.soup import (
-        IngredientSpec,
+        IngredientConfig,
+        SoupConfig,
         SoupRecipe,
-        SoupSpec,
-        TaskSpec,
+        TaskConfig,
         load_soup_recipe,
     )
 
-    recipe = SoupRecipe(SoupSpec([IngredientSpec("a", 1.0), IngredientSpec("b", 3.0)], out="o", method="weighted",
-                                 dtype="bfloat16", tolerance=0.01), TaskSpec("digits", {"seed": 1}))
+    recipe = SoupRecipe(SoupConfig([IngredientConfig("a", 1.0), IngredientConfig("b", 3.0)], out="o", method="weighted",
+                                 dtype="bfloat16", tolerance=0.01), TaskConfig("digits", {"seed": 1}))
     file = tmp_path / "soup.toml"
     file.write_text(recipe.to_toml())
     assert load_soup_recipe(file) == recipe

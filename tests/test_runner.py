@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from lmctk.cli import main
+from lmctk.dynamics.butterfly.recipe import load_butterfly_recipe, trials
+from lmctk.dynamics.butterfly.runner import report, run_recipe
 from lmctk.errors import ConfigError
 from lmctk.rundir import read_journal
-from lmctk.runner import report, run_recipe
-from lmctk.sweep import load_butterfly_recipe, trials
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -189,7 +189,7 @@ def test_torchrun_two_ranks_give_the_same_trials_as_one(tmp_path):
 def test_bad_perturb_options_and_scales_fail_before_any_training(tmp_path):
     with pytest.raises(ConfigError, match="fraction"):
         load_butterfly_recipe(tiny_recipe(tmp_path), ["perturb.fraction=0.0"])
-    from lmctk.sweep import SweepSpec
+    from lmctk.dynamics.butterfly.recipe import SweepConfig
 
     with pytest.raises(ConfigError, match="finite number"):
-        SweepSpec(steps=[0], scales=[-1.0])  # built in Python, not by the loader
+        SweepConfig(steps=[0], scales=[-1.0])  # built in Python, not by the loader

@@ -23,11 +23,11 @@ from lmctk.errors import (
 from lmctk.io import load_state, partial_dir, save_hf_dir
 from lmctk.models import build_model
 from lmctk.soup import (
-    IngredientSpec,
+    IngredientConfig,
     RunningSum,
+    SoupConfig,
     SoupRecipe,
-    SoupSpec,
-    TaskSpec,
+    TaskConfig,
     greedy_soup,
     plan_soup,
     soup_files,
@@ -62,8 +62,8 @@ def gpt2_dirs(tmp_path_factory) -> list[Path]:
 
 def _recipe(paths, out=None, **soup) -> SoupRecipe:
     task = soup.pop("task", None)
-    return SoupRecipe(SoupSpec([IngredientSpec(str(p)) for p in paths], out=None if out is None else str(out), **soup),
-                      None if task is None else TaskSpec(task))
+    return SoupRecipe(SoupConfig([IngredientConfig(str(p)) for p in paths], out=None if out is None else str(out), **soup),
+                      None if task is None else TaskConfig(task))
 
 
 # -- in memory ------------------------------------------------------------------------------------
@@ -132,7 +132,7 @@ def test_uniform_soup_of_three_hf_dirs_is_exact_mean_and_loads_with_transformers
 
 def test_weighted_soup_to_bfloat16_updates_config_dtype(gpt2_dirs, tmp_path):
     out = tmp_path / "soup"
-    recipe = SoupRecipe(SoupSpec([IngredientSpec(str(d), w) for d, w in zip(gpt2_dirs, (1.0, 0.0, 3.0))],
+    recipe = SoupRecipe(SoupConfig([IngredientConfig(str(d), w) for d, w in zip(gpt2_dirs, (1.0, 0.0, 3.0))],
                                  out=str(out), method="weighted", dtype="bfloat16"))
     soup_files(recipe)
     a, c = load_state(gpt2_dirs[0]), load_state(gpt2_dirs[2])
@@ -291,9 +291,9 @@ def test_example_recipe_parses():
 _MEMORY_SCRIPT = """
 import sys
 from pathlib import Path
-from lmctk.soup import IngredientSpec, SoupRecipe, SoupSpec, soup_files
+from lmctk.soup import IngredientConfig, SoupRecipe, SoupConfig, soup_files
 paths, out = sys.argv[2:], sys.argv[1]
-soup_files(SoupRecipe(SoupSpec([IngredientSpec(p) for p in paths], out=out, shard_size="16MB")))
+soup_files(SoupRecipe(SoupConfig([IngredientConfig(p) for p in paths], out=out, shard_size="16MB")))
 print(next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:")))
 """
 
@@ -451,14 +451,14 @@ def test_nan_in_an_ingredient_is_named_and_nothing_is_written(tmp_path):
 
 _KILL_SCRIPT = """
 import os, signal, sys
-from lmctk.soup import IngredientSpec, SoupRecipe, SoupSpec, soup_files
+from lmctk.soup import IngredientConfig, SoupRecipe, SoupConfig, soup_files
 out, paths = sys.argv[1], sys.argv[2:]
 
 def progress(name, done, total):
     if done > total // 2:
         os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of any kind
 
-soup_files(SoupRecipe(SoupSpec([IngredientSpec(p) for p in paths], out=out, shard_size="30KB")), progress=progress)
+soup_files(SoupRecipe(SoupConfig([IngredientConfig(p) for p in paths], out=out, shard_size="30KB")), progress=progress)
 """
 
 

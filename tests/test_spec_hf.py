@@ -11,7 +11,15 @@ from torch import nn
 from torch.func import functional_call
 
 from lmctk.errors import ConfigError
-from lmctk.spec import Fixed, PermutationSpec, Prod, check, permute_state, random_perms, spec_for
+from lmctk.spec import (
+    Fixed,
+    PermutationSpec,
+    Prod,
+    check,
+    permute_state,
+    random_perms,
+    spec_for,
+)
 from lmctk.spec.core import Cat
 
 TOL = 1e-5

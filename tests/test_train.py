@@ -11,7 +11,14 @@ import transformers
 from lmctk.errors import ConfigError, OutputExistsError
 from lmctk.io import load_state
 from lmctk.rundir import RunDir
-from lmctk.train import TrainConfig, Trainer, fit, load_run_model, log_spaced_steps, lr_at
+from lmctk.train import (
+    TrainConfig,
+    Trainer,
+    fit,
+    load_run_model,
+    log_spaced_steps,
+    lr_at,
+)
 
 
 def small_mlp(**kw) -> TrainConfig:

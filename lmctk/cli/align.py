@@ -31,12 +31,18 @@ def align(
     overwrite: bool = typer.Option(False, help="Replace existing --out/--json outputs."),
 ) -> None:
     """Align B to A and report how far apart they were before and after."""
-    from lmctk.align import PermutedView, activation_matching, apply, save_aligned, weight_matching
-    from lmctk.metrics import distances
+    from lmctk.basin.align import (
+        PermutedView,
+        activation_matching,
+        apply,
+        save_aligned,
+        weight_matching,
+    )
     from lmctk.io import LazyState, load_state, resolve_checkpoint
     from lmctk.loading import load_model_state, model_config_of, resolve_task
+    from lmctk.metrics import distances
     from lmctk.spec import spec_for
-    from lmctk.spec.check import output_difference
+    from lmctk.spec.preservation import output_difference
 
     if method not in METHODS:
         raise ConfigError(f"--method: unknown {method!r}; choose one of {', '.join(METHODS)}")

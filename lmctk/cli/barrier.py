@@ -38,10 +38,10 @@ def barrier(
 
     Exits 3 when a pair is not linearly connected (a negative verdict), 0 when all are.
     """
-    from lmctk.interp import DEFINITIONS, barrier_matrix, barrier_sweep
+    from lmctk.basin.barrier import DEFINITIONS, barrier_matrix, barrier_sweep
     from lmctk.io import load_state
     from lmctk.loading import load_model_state, resolve_task
-    from lmctk.report import line_plot, terminal_curve
+    from lmctk.render import line_plot, terminal_curve
     from lmctk.train import resolve_device
 
     if len(models) < 2:

@@ -32,9 +32,9 @@ def converge(
     retrain: bool = typer.Option(False, help="With --recipe: train the seeds afresh instead of reusing finished runs."),
 ) -> None:
     """Seed convergence: expected per-token KL, fingerprints, CKA and loss spread per step; phases."""
-    from lmctk.converge import converge as analyse
-    from lmctk.converge import load_converge_recipe, train_seeds
-    from lmctk.converge_report import plot as write_plots
+    from lmctk.dynamics.converge.analysis import converge as analyse
+    from lmctk.dynamics.converge.recipe import load_converge_recipe, train_seeds
+    from lmctk.dynamics.converge.report import plot as write_plots
     from lmctk.train import parse_steps
 
     options = parse_options(task_opt, "--task-opt")

@@ -26,8 +26,8 @@ def run(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report JSON here."),
 ) -> None:
     """Run a sweep of twin trials (steps × scales × kinds × replicates); shards over `torchrun` ranks."""
-    from lmctk.runner import run_recipe
-    from lmctk.sweep import load_butterfly_recipe
+    from lmctk.dynamics.butterfly.recipe import load_butterfly_recipe
+    from lmctk.dynamics.butterfly.runner import run_recipe
 
     spec = load_butterfly_recipe(recipe, overrides=set_)
     target = out or Path(spec.run.out or Path("runs") / recipe.stem)
@@ -65,7 +65,7 @@ def report(
     overwrite: bool = typer.Option(False, help="Replace an existing --json file."),
 ) -> None:
     """Final-barrier heatmap over t × σ, phase labels and σ*, determinism status; PNGs of divergence per t."""
-    from lmctk.runner import report as make_report
+    from lmctk.dynamics.butterfly.runner import report as make_report
 
     result = make_report(run_dir, plots=plots)
     console.print(result)

@@ -1,6 +1,11 @@
 """Checkpoint I/O: read any supported checkpoint, inspect headers, check compatibility, write atomically."""
 
-from lmctk.io.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, json_text
+from lmctk.io.atomic import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    json_text,
+)
 from lmctk.io.compat import assert_same_keys, assert_same_shapes, check_compatible
 from lmctk.io.info import CheckpointInfo, TensorInfo, layer_prefix
 from lmctk.io.inspect import inspect_checkpoint

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lmctk.io.lazy import state_shapes
 from lmctk.errors import ConfigError, KeyMismatchError, ShapeMismatchError
 from lmctk.io.info import CheckpointInfo
+from lmctk.io.lazy import state_shapes
 
 
 def check_compatible(infos: Sequence[CheckpointInfo]) -> None:

@@ -10,7 +10,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 from torch import nn
 
@@ -19,9 +19,17 @@ from lmctk.models.cnn import CNN
 from lmctk.models.hf import FAMILIES, build_hf, config_fields
 from lmctk.models.mlp import MLP
 from lmctk.models.resnet import ResNet20
-from lmctk.tasks.base import Task
 
-__all__ = ["MODELS", "build_model", "model_config", "resolve_options"]
+__all__ = ["MODELS", "build_model", "has_dropout", "model_config", "resolve_options"]
+
+
+class Task(Protocol):
+    """What models need of a task (`lmctk.tasks.Task` satisfies it): its kind and the shapes it fixes."""
+
+    name: str
+    kind: str
+
+    def model_options(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -103,3 +111,12 @@ def build_model(name: str, task: Task | None = None, **options: Any) -> nn.Modul
     """A freshly initialised model `name` for `task` (which fills shape/vocab options) with `options`."""
     resolved = resolve_options(name, task, **options)
     return _REGISTRY[name].build(**resolved)
+
+
+def has_dropout(model: nn.Module) -> bool:
+    """Whether the model drops out anything in training: a dropout module with p > 0, or one of its HF
+    family's dropout fields > 0 (Llama-style attention calls dropout functionally, without a module)."""
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return True
+    family = FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None))
+    return family is not None and any(getattr(model.config, f, 0.0) > 0 for f in family.dropout_fields)

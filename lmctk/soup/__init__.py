@@ -14,10 +14,10 @@ from lmctk.soup.core import (
 )
 from lmctk.soup.plan import SoupPlan, plan_soup
 from lmctk.soup.recipe import (
-    IngredientSpec,
+    IngredientConfig,
+    SoupConfig,
     SoupRecipe,
-    SoupSpec,
-    TaskSpec,
+    TaskConfig,
     load_soup_recipe,
 )
 from lmctk.soup.run import SoupResult, soup_files
@@ -26,13 +26,13 @@ from lmctk.soup.verdict import Verdict, soupable
 __all__ = [
     "GreedyResult",
     "GreedyStep",
-    "IngredientSpec",
+    "IngredientConfig",
     "RunningSum",
     "SoupPlan",
     "SoupRecipe",
     "SoupResult",
-    "SoupSpec",
-    "TaskSpec",
+    "SoupConfig",
+    "TaskConfig",
     "Verdict",
     "greedy_soup",
     "load_soup_recipe",

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lmctk.errors import ConfigError
-from lmctk.loading import skeleton
+from lmctk.loading import checkpoint_skeleton
 from lmctk.tasks import Task, evaluate
 
 METRICS = ("accuracy", "loss")
@@ -42,7 +42,7 @@ class Scorer:
         greedy soup would then reject every near-identical fine-tune.
         """
         metric = metric or "loss"
-        return cls(skeleton(path, task), task, metric)
+        return cls(checkpoint_skeleton(path, task), task, metric)
 
     def metrics(self, state: Mapping[str, torch.Tensor], split: str) -> dict[str, float]:
         """Loss, accuracy and count of `state` on `split`."""

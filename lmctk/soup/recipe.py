@@ -25,7 +25,7 @@ from lmctk.recipes import load_recipe
 
 
 @dataclass
-class IngredientSpec:
+class IngredientConfig:
     """One checkpoint: a run dir, HF model dir or weights file."""
 
     path: str
@@ -33,7 +33,7 @@ class IngredientSpec:
 
 
 @dataclass
-class TaskSpec:
+class TaskConfig:
     """The task whose "val" split scores greedy soups (and the verdict)."""
 
     name: str
@@ -41,10 +41,10 @@ class TaskSpec:
 
 
 @dataclass
-class SoupSpec:
+class SoupConfig:
     """What to average and how to write it."""
 
-    ingredients: list[IngredientSpec]
+    ingredients: list[IngredientConfig]
     out: str | None = None  # output HF model dir
     method: Literal["uniform", "weighted", "greedy"] = "uniform"
     dtype: Literal["float32", "bfloat16", "float16"] | None = None  # output float dtype
@@ -67,8 +67,8 @@ class SoupSpec:
 class SoupRecipe:
     """A whole soup recipe file."""
 
-    soup: SoupSpec
-    task: TaskSpec | None = None
+    soup: SoupConfig
+    task: TaskConfig | None = None
 
     @property
     def weights(self) -> list[float] | None:

@@ -181,7 +181,7 @@ def _aligner(reference: str):
     The permutations are memoised per resolved path: re-loading an ingredient (greedy scoring, trials,
     the write) only re-applies them.
     """
-    from lmctk.align import apply, weight_matching
+    from lmctk.basin.align import apply, weight_matching
 
     ref_path = Path(reference).resolve()
     spec = _align_spec(ref_path)

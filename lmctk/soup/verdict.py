@@ -17,12 +17,13 @@ from typing import Any
 
 import torch
 
+from lmctk.basin.barrier import barriers
+from lmctk.basin.path import alpha_grid, evaluate_path
 from lmctk.errors import ConfigError
 from lmctk.io import assert_same_shapes, load_state
-from lmctk.soup.core import GreedyResult, greedy_soup, uniform_soup
-from lmctk.interp import alpha_grid, barriers, evaluate_path
 from lmctk.loading import resolve_task
 from lmctk.metrics import distances
+from lmctk.soup.core import GreedyResult, greedy_soup, uniform_soup
 from lmctk.soup.evaluate import Scorer
 
 SHARED_INIT_COSINE = 0.5  # weight cosine below which two checkpoints are taken to come from different inits

@@ -20,8 +20,8 @@ from collections.abc import Iterable, Mapping
 from torch import nn
 
 from lmctk.errors import ConfigError
-from lmctk.spec import register
 from lmctk.spec.core import Axes, Cat, Fixed, Layout, PermutationSpec, Prod
+from lmctk.spec.registry import register
 
 RES = "res"
 Entries = dict[str, Axes]  # tensor key -> layout per axis; all-None axes: declared unpermuted

@@ -19,8 +19,8 @@ from torch import nn
 
 from lmctk.errors import ConfigError
 from lmctk.models.layers import ConvNorm
-from lmctk.spec import register
 from lmctk.spec.core import Axes, PermutationSpec
+from lmctk.spec.registry import register
 
 COUNTER = "num_batches_tracked"  # a BatchNorm step count: nothing to permute
 

@@ -8,7 +8,16 @@ from collections.abc import Callable
 from typing import Any
 
 from lmctk.errors import ConfigError
-from lmctk.tasks.base import KINDS, TASK_ATTRIBUTES, Batch, DataOrder, Task, TaskBase, evaluate, forward
+from lmctk.tasks.base import (
+    KINDS,
+    TASK_ATTRIBUTES,
+    Batch,
+    DataOrder,
+    Task,
+    TaskBase,
+    evaluate,
+    forward,
+)
 from lmctk.tasks.classification import TensorClassification
 from lmctk.tasks.digits import digits
 from lmctk.tasks.mlm import text_mlm

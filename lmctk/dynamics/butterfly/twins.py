@@ -7,7 +7,6 @@ and the twins' own streams decide everything, so trials can run in any order, on
 
 from __future__ import annotations
 
-import fnmatch
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,10 +15,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lmctk.basin.barrier import barrier_sweep
+from lmctk.dynamics.butterfly.perturb import Injection, PerturbConfig, inject
+from lmctk.dynamics.probes import layer_outputs
 from lmctk.errors import LmctkError
-from lmctk.interp import barrier_sweep
 from lmctk.metrics import angular_cka, linear_cka
-from lmctk.perturb import Injection, PerturbSpec, inject
 from lmctk.tasks.base import IGNORE_INDEX, Task, forward, scored_pairs
 from lmctk.train import Trainer
 
@@ -29,7 +29,7 @@ class DeterminismError(LmctkError):
 
 
 @dataclass
-class MeasureSpec:
+class MeasureConfig:
     """What is measured between the twins, when, and on which data."""
 
     every: int = 0  # also measure every N steps after the perturbation (0: only at t and at the end)
@@ -71,38 +71,7 @@ def disagreement(a: nn.Module, b: nn.Module, task: Task, split: str, device, bat
     return differ / max(count, 1)
 
 
-def layer_outputs(model: nn.Module, batch, task: Task, patterns: list[str]) -> dict[str, torch.Tensor]:
-    """Outputs of the chosen modules on `batch` (eval mode): every leaf module with parameters by default."""
-    chosen = []
-    for name, m in model.named_modules():
-        if patterns:
-            if name and any(fnmatch.fnmatchcase(name, p) for p in patterns):
-                chosen.append((name, m))
-        elif name and not list(m.children()) and any(True for _ in m.parameters(recurse=False)):
-            chosen.append((name, m))
-    out: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def save(_m, _i, o):
-            o = o[0] if isinstance(o, tuple) else o
-            if torch.is_tensor(o):
-                out[name] = o.detach().reshape(o.shape[0], -1).float()
-        return save
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in chosen]
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            forward(model, batch, task)
-    finally:
-        model.train(was)
-        for h in handles:
-            h.remove()
-    return out
-
-
-def cka_per_layer(a: nn.Module, b: nn.Module, task: Task, spec: MeasureSpec, device) -> dict[str, dict[str, float]]:
+def cka_per_layer(a: nn.Module, b: nn.Module, task: Task, spec: MeasureConfig, device) -> dict[str, dict[str, float]]:
     """Debiased linear CKA and its angular form arccos(CKA) per layer on the probe batch."""
     whole = task.eval_batches(spec.split, device, None)[0]
     probe = whole.select(slice(0, spec.probe))
@@ -112,7 +81,7 @@ def cka_per_layer(a: nn.Module, b: nn.Module, task: Task, spec: MeasureSpec, dev
             "angular_cka": {n: angular_cka(xa[n], xb[n]) for n in xa}}
 
 
-def measure(a: nn.Module, b: nn.Module, task: Task, spec: MeasureSpec, *, final: bool) -> dict[str, Any]:
+def measure(a: nn.Module, b: nn.Module, task: Task, spec: MeasureConfig, *, final: bool) -> dict[str, Any]:
     """Distances, loss/error barriers (both definitions) and, at the end, aligned barriers, CKA and disagreement."""
     device = next(a.parameters()).device
     sa, sb = a.state_dict(), b.state_dict()  # read-only here: barrier_sweep works on copies
@@ -140,7 +109,7 @@ MeasureFn = Callable[[int, dict[str, Any]], None]
 Reference = Callable[[int], nn.Module]  # twin A's model at a step, when A is a run already trained (not retrained)
 
 
-def train_twins(a: Trainer | Reference, b: Trainer, total: int, at: list[int], spec: MeasureSpec, *,
+def train_twins(a: Trainer | Reference, b: Trainer, total: int, at: list[int], spec: MeasureConfig, *,
                 first_batch: Injection | None = None, on_measure: MeasureFn | None = None) -> list[dict[str, Any]]:
     """Train twin B to step `total`, measuring at the steps `at` (the last is final).
 
@@ -182,7 +151,7 @@ def verify_twins(parent: Trainer, steps: int = 5) -> dict[str, Any]:
     Raises DeterminismError naming the first tensor that differs; returns what was checked.
     """
     a, b = parent.fork(), parent.fork()
-    inject(b, PerturbSpec(scale=0.0))
+    inject(b, PerturbConfig(scale=0.0))
     start = time.perf_counter()
     for i in range(steps):
         batch = a.batch(a.step)
@@ -200,7 +169,7 @@ def verify_twins(parent: Trainer, steps: int = 5) -> dict[str, Any]:
             "seconds": time.perf_counter() - start}
 
 
-def run_perturbed(parent: Trainer, spec: PerturbSpec, total: int, measure_spec: MeasureSpec,
+def run_perturbed(parent: Trainer, spec: PerturbConfig, total: int, measure_spec: MeasureConfig,
                   init_std: dict[str, float] | None, on_measure: MeasureFn | None = None,
                   reference: Reference | None = None) -> dict[str, Any]:
     """Fork twins from `parent` (at step t), perturb B with `spec`, train both to `total`; the trial's result.
@@ -216,7 +185,7 @@ def run_perturbed(parent: Trainer, spec: PerturbSpec, total: int, measure_spec: 
             "seconds": time.perf_counter() - start}
 
 
-def run_independent(a: Trainer | Reference, b: Trainer, total: int, measure_spec: MeasureSpec,
+def run_independent(a: Trainer | Reference, b: Trainer, total: int, measure_spec: MeasureConfig,
                     on_measure: MeasureFn | None = None) -> dict[str, Any]:
     """Two runs from different seeds (init, data, dropout) trained side by side: the reference barrier."""
     start = time.perf_counter()

@@ -3,151 +3,35 @@
 For every step present in all runs, the K models are evaluated together (parameters stacked,
 `torch.func.vmap` over `functional_call`) on the task's fixed test set and a probe batch:
 expected per-token KL over ordered seed pairs (fp32, SE over contexts, strata), per-layer
-activation fingerprints and debiased linear CKA, loss spread. Then `lmctk.phases` segments the KL
-curve and labels seed regimes. Computation returns a `ConvergeResult`; rendering is its `__rich__`.
+activation fingerprints and debiased linear CKA, loss spread. Then `lmctk.dynamics.converge.phases` segments the KL
+curve and labels seed regimes. Computation returns a `ConvergeResult`; `lmctk.dynamics.converge.report` renders it.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
 from lmctk import metrics
-from lmctk.butterfly import layer_outputs
-from lmctk.errors import ConfigError, MissingPathError
+from lmctk.dynamics.converge.inputs import Run, common_steps, load_classes, train_counts
+from lmctk.dynamics.converge.phases import (
+    PhaseFit,
+    Regimes,
+    detect_phases,
+    seed_regimes,
+)
+from lmctk.dynamics.probes import layer_outputs
+from lmctk.errors import ConfigError
 from lmctk.io import load_state
-from lmctk.loading import load_into, resolve_task, skeleton
-from lmctk.phases import PhaseFit, Regimes, detect_phases, seed_regimes
+from lmctk.loading import checkpoint_skeleton, load_into, resolve_task
 from lmctk.tasks import Task
 from lmctk.tasks.base import IGNORE_INDEX, Batch, scored_pairs
-from lmctk.train import TrainConfig
-
-_STEP_NAME = re.compile(r"(?:step|checkpoint-)(\d+)")
-OTHER_CLASS = "other"
-
-
-# -- inputs: runs and their checkpoints ---------------------------------------------------------
-
-
-@dataclass
-class Run:
-    """One seed's checkpoints over training: step -> checkpoint dir."""
-
-    path: Path
-    checkpoints: dict[int, Path]
-
-    @classmethod
-    def open(cls, path: str | Path) -> "Run":
-        """An lmctk run dir (manifest + checkpoints/stepNNNNNNNN) or a dir of HF dirs named `step<N>`
-        or `checkpoint-<N>` (as multi-seed suites publish them)."""
-        path = Path(path)
-        if not path.is_dir():
-            raise MissingPathError(path, "run directory")
-        if (path / "manifest.json").is_file():
-            from lmctk.rundir import RunDir
-
-            run = RunDir.open(path)
-            return cls(path, {s: run.checkpoint_dir(s) for s in run.checkpoint_steps()})
-        steps = {int(m[1]): d for d in path.iterdir() if d.is_dir() and (m := _STEP_NAME.fullmatch(d.name))}
-        if not steps:
-            raise ConfigError(
-                f"{path}: no checkpoints found; give an lmctk run dir or a dir of step<N>/ HF model dirs"
-            )
-        return cls(path, steps)
-
-
-def common_steps(runs: Sequence[Run], wanted: Sequence[int] | None = None) -> tuple[list[int], dict[str, list[int]]]:
-    """Steps present in every run (restricted to `wanted`), and per run the steps it lacks that
-    another run has (reported, never guessed)."""
-    every = set.union(*(set(r.checkpoints) for r in runs))
-    shared = set.intersection(*(set(r.checkpoints) for r in runs))
-    missing = {str(r.path): sorted(every - set(r.checkpoints)) for r in runs}
-    if wanted is not None:
-        absent = sorted(set(wanted) - shared)
-        if absent:
-            raise ConfigError(
-                f"--steps: step {absent[0]} is not in every run; common steps: {', '.join(map(str, sorted(shared)))}"
-            )
-        shared = set(wanted)
-    if not shared:
-        raise ConfigError("the runs share no checkpoint step; give runs saved at the same steps")
-    return sorted(shared), {k: v for k, v in missing.items() if v}
-
-
-def load_classes(path: str | Path, task: Task) -> tuple[torch.Tensor, list[str]]:
-    """Token classes from a file: JSON {"token": "class"} or lines `token<TAB>class`.
-
-    A token is its text (as the task decodes a single id) or `id:<N>`. Tokens not listed are class
-    "other". Returns the class index of every vocabulary id and the class names.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise MissingPathError(path, "token-class file")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        try:
-            pairs = list(json.loads(text).items())
-        except (json.JSONDecodeError, AttributeError) as e:
-            raise ConfigError(f"{path}: expected a JSON object mapping token to class ({e})") from None
-    else:
-        pairs = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip() or line.startswith("#"):
-                continue
-            token, sep, cls = line.rpartition("\t")
-            if not sep:
-                raise ConfigError(f"{path}:{n}: expected 'token<TAB>class'")
-            pairs.append((token, cls.strip()))
-    vocab = _vocab_size(task)
-    decode = getattr(task, "decode", None)
-    by_text: dict[str, int] = {}
-    if decode is not None:
-        for i in range(vocab):
-            by_text.setdefault(decode(torch.tensor([i])), i)
-    names = [OTHER_CLASS]
-    labels = torch.zeros(vocab, dtype=torch.long)
-    for token, cls in pairs:
-        if token.startswith("id:") and token[3:].isdigit():
-            idx = int(token[3:])
-        elif token in by_text:
-            idx = by_text[token]
-        else:
-            raise ConfigError(f"{path}: token {token!r} is not a single token of task {task.name!r}; "
-                              "write it as the task decodes it or as id:<N>")
-        if idx >= vocab:
-            raise ConfigError(f"{path}: token id {idx} is outside the vocabulary ({vocab})")
-        if cls not in names:
-            names.append(cls)
-        labels[idx] = names.index(cls)
-    return labels, names
-
-
-def _vocab_size(task: Task) -> int:
-    options = task.model_options()
-    for key in ("vocab_size", "num_classes", "classes"):
-        if key in options:
-            return int(options[key])
-    raise ConfigError(f"task {task.name!r}: no vocab_size in model_options(); token strata need one")
-
-
-def train_counts(task: Task) -> torch.Tensor | None:
-    """Count of every token id in the task's training stream (None when the task has no stream)."""
-    windows = getattr(task, "windows", None)
-    ids = windows["train"].reshape(-1) if isinstance(windows, dict) and "train" in windows else None
-    if ids is None and getattr(task, "tokens", None) is not None:
-        ids = task.tokens.ids
-    if ids is None:
-        return None
-    return torch.bincount(ids.long(), minlength=_vocab_size(task))
-
 
 # -- evaluating K seeds at one step -------------------------------------------------------------
 
@@ -310,7 +194,7 @@ class StepMetrics:
 
 @dataclass
 class ConvergeResult:
-    """Everything `converge` measured; `to_dict()` for JSON, `__rich__` for the terminal."""
+    """Everything `converge` measured; `to_dict()` for JSON (`report.render` for the terminal)."""
 
     runs: list[str]
     steps: list[int]
@@ -354,11 +238,6 @@ class ConvergeResult:
             "diversity": self.diversity,
             "notes": self.notes,
         }
-
-    def __rich__(self):
-        from lmctk.converge_report import render
-
-        return render(self)
 
 
 # -- the analysis -------------------------------------------------------------------------------
@@ -430,7 +309,7 @@ def converge(
     task = resolve_task(task, task_options, runs)
     chosen, missing = common_steps(opened, steps)
     k = len(opened)
-    evaluator = Evaluator(skeleton(opened[0].checkpoints[chosen[0]], task), k, task, device=device,
+    evaluator = Evaluator(checkpoint_skeleton(opened[0].checkpoints[chosen[0]], task), k, task, device=device,
                           batch_size=batch_size, probe=probe, batched=batched)
     notes = []
     # the final step first: its surprisal defines the surprisal strata of every step
@@ -477,64 +356,3 @@ def converge(
         notes.append("seeds evaluated one at a time (batched=False)")
     return ConvergeResult([str(r.path) for r in opened], chosen, missing, layers, per_step, phases, regimes,
                           final.diversity or [], notes, regimes_from)
-
-
-
-
-# -- recipe: train K seeds, then analyse ---------------------------------------------------------
-
-
-@dataclass
-class ConvergeSpec:
-    """The [converge] table: which seeds to train and how to analyse them."""
-
-    seeds: list[int]
-    log_checkpoints: int = 16  # log-spaced checkpoint steps (plus 0 and the last)
-    probe: int = 16  # probe windows for fingerprints and CKA
-    batch_size: int = 16  # eval batch (examples) per forward
-    classes: str | None = None  # token-class file (relative to the recipe)
-    regimes: Literal["fingerprint", "cka"] = "fingerprint"  # per-seed curves the regimes come from
-
-    def __post_init__(self) -> None:
-        if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError(f"seeds: need at least 2 distinct seeds, got {self.seeds}")
-
-
-@dataclass
-class ConvergeRecipe:
-    """`lmctk converge --recipe FILE --out DIR`: [converge] and [train] (TrainConfig fields but seed)."""
-
-    converge: ConvergeSpec
-    train: TrainConfig
-
-
-def load_converge_recipe(path: str | Path) -> ConvergeRecipe:
-    """Read a converge recipe strictly (unknown keys are errors naming the key path)."""
-    from lmctk.recipes import load_recipe
-
-    recipe = load_recipe(path, ConvergeRecipe)
-    if recipe.train.checkpoints != [recipe.train.steps]:
-        raise ConfigError(f"{path}: train.checkpoints: leave it out; converge.log_checkpoints sets them")
-    if recipe.converge.classes is not None:
-        recipe.converge.classes = str(Path(path).parent / recipe.converge.classes)
-    return recipe
-
-
-def train_seeds(recipe: ConvergeRecipe, out: str | Path, *, overwrite: bool = False,
-                progress: Callable[[int, int], None] | None = None) -> list[Path]:
-    """Train one run per seed under `out/seed<N>`; a finished run with the same config is reused (an
-    interrupted one resumed) unless `overwrite`, which trains afresh."""
-    from lmctk.train import fit, log_spaced_steps
-
-    out = Path(out)
-    base = recipe.train.to_dict()
-    base["checkpoints"] = log_spaced_steps(recipe.converge.log_checkpoints, recipe.train.steps)
-    paths = []
-    for n, seed in enumerate(recipe.converge.seeds):
-        config = TrainConfig.from_dict({**base, "seed": seed})
-        path = out / f"seed{seed}"
-        fit(config, path, overwrite=overwrite, resume=not overwrite)
-        paths.append(path)
-        if progress:
-            progress(n + 1, len(recipe.converge.seeds))
-    return paths

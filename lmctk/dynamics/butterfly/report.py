@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PHASES = ("chaotic", "transition", "stable")
-
 
 def final_value(final: dict[str, Any], metric: str, definition: str, path: str) -> float | None:
     """The barrier of one trial's final measurement that the analysis is about (None if not measured)."""
@@ -198,7 +196,7 @@ def _determinism(preflight: dict[str, Any] | None, zero_checks: list[bool]) -> d
 
 def write_plots(report: ButterflyReport, out_dir: Path) -> list[Path]:
     """One PNG per (kind, t): L2 and the analysed barrier between the twins over training, one line per σ."""
-    from lmctk.report import line_plot
+    from lmctk.render import line_plot
 
     paths = []
     metric, definition = report.analysis["metric"], report.analysis["definition"].replace("_", "-")

@@ -12,18 +12,18 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from lmctk import lap
+from lmctk.basin import lap
 from lmctk.errors import ConfigError
 from lmctk.io import assert_same_shapes, state_device, state_shapes
 from lmctk.spec.core import (
-    PermutationSpec,
     Perms,
+    PermutationSpec,
     group_slices,
     groups_in,
     identity_perms,

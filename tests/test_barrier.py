@@ -8,10 +8,16 @@ import pytest
 import torch
 from torch import nn
 
+from lmctk.basin.barrier import barrier_matrix, barrier_sweep, barriers
+from lmctk.basin.path import alpha_grid, evaluate_path, lerp
+from lmctk.basin.renorm import (
+    Repair,
+    calibration_batches,
+    channel_stats,
+    reset_batchnorm,
+)
 from lmctk.errors import ConfigError
-from lmctk.interp import alpha_grid, barrier_matrix, barrier_sweep, barriers, evaluate_path, lerp
 from lmctk.models import build_model
-from lmctk.renorm import Repair, calibration_batches, channel_stats, reset_batchnorm
 from lmctk.tasks import get_task
 from lmctk.tasks.base import evaluate
 from lmctk.train import TrainConfig, fit, load_run_model
@@ -168,8 +174,8 @@ def test_repair_leaves_the_model_it_measures_untouched(digits):
 
 
 def test_aligned_sweep_reuses_the_raw_calibration_statistics_and_evaluation(mlps, monkeypatch):
-    import lmctk.interp as interp
-    import lmctk.renorm as rn
+    import lmctk.basin.path as interp
+    import lmctk.basin.renorm as rn
 
     calls = {"batches": 0, "stats": 0, "chunk": 0}
 

@@ -1,7 +1,7 @@
 """Perturbations injected into one twin at step t: parameter noise, a swapped batch, another data
 order, or another dropout seed (Altintas et al. 2025; Frankle et al. 2020).
 
-Every perturbation draws from its own generator (`PerturbSpec.seed`), never from a global RNG, so the
+Every perturbation draws from its own generator (`PerturbConfig.seed`), never from a global RNG, so the
 same spec gives the same perturbation on any machine; `inject` returns what was realised (its norm).
 """
 
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lmctk.errors import ConfigError
-from lmctk.models.hf import FAMILIES
+from lmctk.models import has_dropout
 from lmctk.seeding import derive_seed
 from lmctk.tasks.base import Batch
 from lmctk.train import Trainer, step_batch
@@ -26,7 +26,7 @@ REFS = ("init_std", "param_norm", "absolute")
 
 
 @dataclass
-class PerturbSpec:
+class PerturbConfig:
     """One perturbation. `scale` = 0 is the zero perturbation (the control) for every kind.
 
     gaussian: ε ~ N(0, (scale·ref)²) per tensor, ref = its std at init | its RMS now | 1;
@@ -87,7 +87,7 @@ def init_stds(model: nn.Module) -> dict[str, float]:
     return {n: float(p.detach().double().std()) if p.numel() > 1 else 0.0 for n, p in model.named_parameters()}
 
 
-def gaussian_noise(model: nn.Module, spec: PerturbSpec, init_std: dict[str, float] | None) -> dict[str, torch.Tensor]:
+def gaussian_noise(model: nn.Module, spec: PerturbConfig, init_std: dict[str, float] | None) -> dict[str, torch.Tensor]:
     """The noise ε per selected parameter (float32 on the CPU, then the parameter's dtype): reproducible anywhere."""
     params = selected_parameters(model, spec.include, spec.exclude)
     gen = torch.Generator().manual_seed(derive_seed(spec.seed, "gaussian"))
@@ -114,16 +114,7 @@ def gaussian_noise(model: nn.Module, spec: PerturbSpec, init_std: dict[str, floa
     return noise
 
 
-def has_dropout(model: nn.Module) -> bool:
-    """Whether the model drops out anything in training: a dropout module with p > 0, or one of its HF
-    family's dropout fields > 0 (Llama-style attention calls dropout functionally, without a module)."""
-    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
-        return True
-    family = FAMILIES.get(getattr(getattr(model, "config", None), "model_type", None))
-    return family is not None and any(getattr(model.config, f, 0.0) > 0 for f in family.dropout_fields)
-
-
-def replacement_batch(trainer: Trainer, spec: PerturbSpec) -> tuple[Batch, int]:
+def replacement_batch(trainer: Trainer, spec: PerturbConfig) -> tuple[Batch, int]:
     """The batch of `trainer.step` with a `fraction` of its examples redrawn from the spec's own stream.
 
     The batch is built with the step's own generator, so the examples kept are exactly the twin's.
@@ -135,7 +126,7 @@ def replacement_batch(trainer: Trainer, spec: PerturbSpec) -> tuple[Batch, int]:
     return step_batch(trainer.task, trainer.data_order, trainer.step, indices).to(trainer.device), replace
 
 
-def inject(trainer: Trainer, spec: PerturbSpec, init_std: dict[str, float] | None = None) -> Injection:
+def inject(trainer: Trainer, spec: PerturbConfig, init_std: dict[str, float] | None = None) -> Injection:
     """Perturb `trainer` at its current step; returns what was realised.
 
     gaussian changes the weights in place; data_order/dropout swap the twin's stream; batch returns

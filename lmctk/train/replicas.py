@@ -18,11 +18,12 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from lmctk.errors import ConfigError
-from lmctk.perturb import has_dropout
+from lmctk.models import has_dropout
 from lmctk.seeding import derive_seed
 from lmctk.tasks import Task, get_task
 from lmctk.tasks.base import Batch, DataOrder
-from lmctk.train import TrainConfig, init_model, lr_at, resolve_device, step_batch
+from lmctk.train.config import TrainConfig, lr_at, resolve_device
+from lmctk.train.trainer import init_model, step_batch
 
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW defaults
 

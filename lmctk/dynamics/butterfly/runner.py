@@ -22,15 +22,32 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from lmctk.butterfly import Reference, measure_steps, run_independent, run_perturbed, verify_twins
-from lmctk.butterfly_report import ButterflyReport, summarize, write_plots
+from lmctk.dynamics.butterfly.perturb import init_stds
+from lmctk.dynamics.butterfly.recipe import (
+    ButterflyRecipe,
+    Trial,
+    independent_seed,
+    trials,
+)
+from lmctk.dynamics.butterfly.report import ButterflyReport, summarize, write_plots
+from lmctk.dynamics.butterfly.twins import (
+    Reference,
+    measure_steps,
+    run_independent,
+    run_perturbed,
+    verify_twins,
+)
 from lmctk.errors import ConfigError
 from lmctk.io import atomic_write_json, load_state
-from lmctk.perturb import init_stds
 from lmctk.rundir import RunDir, environment, read_journal, timestamp
-from lmctk.sweep import ButterflyRecipe, Trial, independent_seed, trials
 from lmctk.tasks import get_task
-from lmctk.train import Trainer, deterministic, init_model, model_skeleton, resolve_device
+from lmctk.train import (
+    Trainer,
+    config_skeleton,
+    deterministic,
+    init_model,
+    resolve_device,
+)
 
 REPORT = "report.json"
 # progress(event, info): "preflight", "parent", "trial_start", "measure", "trial_done"
@@ -126,7 +143,7 @@ def _prepare_parent(recipe: ButterflyRecipe, run: RunDir, task, progress: Progre
 def _saved_parent(recipe: ButterflyRecipe, run: RunDir, task) -> Reference:
     """Twin A read from the parent run's checkpoints, into one model kept for the whole rank."""
     device = resolve_device(recipe.train.device)
-    model = model_skeleton(recipe.train, task).to(device)
+    model = config_skeleton(recipe.train, task).to(device)
 
     def at(step: int) -> nn.Module:
         model.load_state_dict(load_state(run.checkpoint_dir(step), device=device))
@@ -148,7 +165,7 @@ def _run_trial(trial: Trial, recipe: ButterflyRecipe, run: RunDir, task, cache: 
         b = Trainer(dataclasses.replace(recipe.train, seed=independent_seed(recipe, trial.replicate)), task=task)
         return run_independent(reference, b, total, recipe.measure, on_measure)
     if cache.get("t") != trial.t:
-        parent = Trainer(recipe.train, task=task, model=model_skeleton(recipe.train, task))
+        parent = Trainer(recipe.train, task=task, model=config_skeleton(recipe.train, task))
         parent.load_checkpoint(run.checkpoint_dir(trial.t))
         cache.update(t=trial.t, parent=parent)
     return run_perturbed(cache["parent"], trial.perturbation(recipe), total, recipe.measure, init_std, on_measure,

@@ -1,6 +1,6 @@
 """Rendering a ConvergeResult: rich tables and curves for the terminal, PNG plots for people.
 
-Nothing here computes new numbers; everything comes from the result `lmctk.converge` returns.
+Nothing here computes new numbers; everything comes from the result `lmctk.dynamics.converge.analysis` returns.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lmctk.converge import ConvergeResult, finite_mean
+from lmctk.dynamics.converge.analysis import ConvergeResult, finite_mean
 
 
 def _pick(n: int, most: int = 5) -> list[int]:
@@ -38,7 +38,7 @@ def render(result: ConvergeResult):
     from rich.table import Table
     from rich.text import Text
 
-    from lmctk.report import terminal_curve
+    from lmctk.render import terminal_curve
 
     parts: list[Any] = []
     k = len(result.runs)
@@ -120,7 +120,7 @@ def render(result: ConvergeResult):
 def plot(result: ConvergeResult, directory: str | Path, overwrite: bool = False) -> list[Path]:
     """Write `convergence.png` (KL over steps, phases shaded) and, with layers,
     `fingerprint.png` (per-layer fingerprint over steps as heatmaps) into `directory`."""
-    from lmctk.report import heatmap_plot, line_plot
+    from lmctk.render import heatmap_plot, line_plot
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ kinds = ["gaussian"]         # gaussian | batch | data_order | dropout
 replicates = 2               # perturbation seeds per (t, σ, kind)
 independent = 1              # independent-seed pairs: the reference barrier of σ* and phases
 [perturb]                    # ref, fraction, include, exclude, seed
-[measure]                    # lmctk.butterfly.MeasureSpec
+[measure]                    # lmctk.dynamics.butterfly.twins.MeasureConfig
 [analysis]                   # which barrier σ* and phases use
 [run]                        # out, deterministic, verify_steps, threads, plots
 ```
@@ -26,9 +26,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lmctk.butterfly import MeasureSpec
+from lmctk.dynamics.butterfly.perturb import PerturbConfig
+from lmctk.dynamics.butterfly.twins import MeasureConfig
 from lmctk.errors import ConfigError
-from lmctk.perturb import PerturbSpec
 from lmctk.recipes import load_recipe
 from lmctk.seeding import derive_seed
 from lmctk.train import TrainConfig
@@ -37,7 +37,7 @@ Kind = Literal["gaussian", "batch", "data_order", "dropout"]
 
 
 @dataclass
-class SweepSpec:
+class SweepConfig:
     """Which perturbations run: every t × σ × kind × replicate is one trial."""
 
     steps: list[int]  # perturbation steps t (0 = at initialisation)
@@ -60,7 +60,7 @@ class SweepSpec:
 
 @dataclass
 class PerturbOptions:
-    """Settings shared by every perturbation of the sweep (see lmctk.perturb.PerturbSpec)."""
+    """Settings shared by every perturbation of the sweep (see lmctk.dynamics.butterfly.perturb.PerturbConfig)."""
 
     ref: Literal["init_std", "param_norm", "absolute"] = "init_std"
     fraction: float = 1.0
@@ -68,14 +68,14 @@ class PerturbOptions:
     exclude: list[str] = field(default_factory=list)
     seed: int = 0  # base of every perturbation's own seed
 
-    def spec(self, kind: str, scale: float, seed: int) -> PerturbSpec:
-        """The PerturbSpec of one trial: these shared options with its kind, σ and seed."""
-        return PerturbSpec(kind=kind, scale=scale, ref=self.ref, fraction=self.fraction,
+    def spec(self, kind: str, scale: float, seed: int) -> PerturbConfig:
+        """The PerturbConfig of one trial: these shared options with its kind, σ and seed."""
+        return PerturbConfig(kind=kind, scale=scale, ref=self.ref, fraction=self.fraction,
                            include=list(self.include), exclude=list(self.exclude), seed=seed)
 
 
 @dataclass
-class AnalysisSpec:
+class AnalysisConfig:
     """The barrier that σ*(t) and the phase labels are computed from."""
 
     metric: Literal["loss", "error"] = "loss"
@@ -85,7 +85,7 @@ class AnalysisSpec:
 
 
 @dataclass
-class RunSpec:
+class RunConfig:
     """How the sweep runs."""
 
     out: str | None = None  # run dir (default: runs/<recipe name>)
@@ -100,11 +100,11 @@ class ButterflyRecipe:
     """A whole `lmctk run` recipe."""
 
     train: TrainConfig
-    sweep: SweepSpec
+    sweep: SweepConfig
     perturb: PerturbOptions = field(default_factory=PerturbOptions)
-    measure: MeasureSpec = field(default_factory=MeasureSpec)
-    analysis: AnalysisSpec = field(default_factory=AnalysisSpec)
-    run: RunSpec = field(default_factory=RunSpec)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
         bad = [t for t in self.sweep.steps if not 0 <= t < self.train.steps]
@@ -134,8 +134,8 @@ class Trial:
             return f"independent-r{self.replicate}"
         return f"{self.kind}-t{self.t}-s{self.scale:g}-r{self.replicate}"
 
-    def perturbation(self, recipe: ButterflyRecipe) -> PerturbSpec:
-        """The trial's PerturbSpec; its seed depends on (kind, t, replicate) but not σ: one direction, scaled."""
+    def perturbation(self, recipe: ButterflyRecipe) -> PerturbConfig:
+        """The trial's PerturbConfig; its seed depends on (kind, t, replicate) but not σ: one direction, scaled."""
         seed = derive_seed(recipe.perturb.seed, recipe.train.seed, self.kind, self.t, self.replicate)
         return recipe.perturb.spec(self.kind, self.scale, seed)
 

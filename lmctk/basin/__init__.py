@@ -1,0 +1,31 @@
+"""Are A and B in one basin? Exact batched linear assignment (`lap`), permutation alignment by weight or
+activation matching (`align`), interpolation paths and their evaluation engines (`path`), barrier sweeps
+and matrices (`barrier`), and BatchNorm reset / REPAIR along a path (`renorm`)."""
+
+from lmctk.basin.align import (
+    MatchResult,
+    PermutedView,
+    activation_matching,
+    apply,
+    save_aligned,
+    weight_matching,
+)
+from lmctk.basin.barrier import (
+    ALIGNS,
+    DEFINITIONS,
+    BarrierMatrix,
+    BarrierResult,
+    Curve,
+    align_states,
+    barrier_matrix,
+    barrier_sweep,
+    barriers,
+)
+from lmctk.basin.path import METHODS, alpha_grid, evaluate_path, lerp
+from lmctk.basin.renorm import RENORMS
+
+__all__ = [
+    "ALIGNS", "DEFINITIONS", "METHODS", "RENORMS", "BarrierMatrix", "BarrierResult", "Curve", "MatchResult",
+    "PermutedView", "activation_matching", "align_states", "alpha_grid", "apply", "barrier_matrix", "barrier_sweep",
+    "barriers", "evaluate_path", "lerp", "save_aligned", "weight_matching",
+]

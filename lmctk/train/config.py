@@ -1,0 +1,108 @@
+"""Training configuration: the fields that define a run, the learning-rate schedule and step lists."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmctk.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved in the manifest and enough to rebuild it."""
+
+    task: str = "digits"  # built-in task name or module:function
+    task_options: dict[str, Any] = field(default_factory=dict)
+    model: str = "mlp"  # reference model or tiny HF model name
+    model_options: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None  # start from this checkpoint's weights (fine-tuning) instead of a fresh init
+    seed: int = 0  # derives the init, data-order and dropout seeds
+    steps: int = 300  # optimiser steps
+    batch_size: int = 64
+    optimizer: str = "adamw"  # sgd (with momentum) | adamw
+    lr: float = 1e-3  # peak learning rate
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 0.0
+    warmup: int = 0  # linear warmup steps
+    schedule: str = "cosine"  # decay after warmup: constant | cosine | linear
+    grad_clip: float | None = None  # max global grad norm
+    checkpoints: list[int] = field(default_factory=list)  # steps to save (the final step always is)
+    eval_every: int = 100  # evaluate train and test every N steps (and at 0 and the end)
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer: unknown '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule: unknown '{self.schedule}'; choose one of {', '.join(SCHEDULES)}")
+        for name in ("steps", "batch_size", "eval_every"):
+            if getattr(self, name) < (0 if name == "steps" else 1):
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.warmup < 0 or self.warmup > self.steps:
+            raise ConfigError(f"warmup: must be between 0 and steps ({self.steps}), got {self.warmup}")
+        bad = [s for s in self.checkpoints if s < 0 or s > self.steps]
+        if bad:
+            raise ConfigError(f"checkpoints: step {bad[0]} is outside 0..{self.steps}")
+        self.checkpoints = sorted(set(int(s) for s in self.checkpoints) | {self.steps})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"train config: unknown field '{unknown[0]}'; known fields: {', '.join(sorted(known))}")
+        return cls(**d)
+
+
+def log_spaced_steps(count: int, steps: int) -> list[int]:
+    """`count` checkpoint steps spaced evenly in log(step) from 1 to `steps`, plus step 0."""
+    if count < 1:
+        raise ConfigError(f"log-checkpoints: need at least 1, got {count}")
+    if steps < 1:
+        return [0]
+    grid = np.unique(np.round(np.logspace(0, math.log10(steps), count)).astype(int))
+    return sorted({0, *grid.tolist(), steps})
+
+
+def lr_at(config: TrainConfig, step: int) -> float:
+    """Learning rate for the update made at `step` (0-based): linear warmup, then the decay schedule."""
+    if config.warmup and step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    if config.schedule == "constant":
+        return config.lr
+    span = max(config.steps - config.warmup, 1)
+    progress = min((step - config.warmup) / span, 1.0)
+    if config.schedule == "linear":
+        return config.lr * (1.0 - progress)
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: '{device}' requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+
+def parse_steps(text: str) -> list[int]:
+    """Parse a comma-separated step list such as '0,10,100,300'."""
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"checkpoints: '{text}' is not a comma-separated list of steps (e.g. 0,10,100)") from None
+
