@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
-
-import tomllib
 
 from lmctk.errors import ConfigError, MissingPathError
 

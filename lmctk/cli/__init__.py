@@ -3,7 +3,7 @@
 Commands parse, call the Python API and render; no computation lives here.
 """
 
-from lmctk.cli import align, barrier, converge, run, soup, train  # noqa: F401  (registers commands)
+from lmctk.cli import align, barrier, butterfly, converge, inspect, soup, train  # noqa: F401  (registers commands)
 from lmctk.cli.app import app, main
 
 __all__ = ["app", "main"]

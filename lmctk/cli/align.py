@@ -6,12 +6,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
 from lmctk.cli.app import app, console, parse_options, refuse_existing, write_json
-from lmctk.errors import ConfigError
-
-METHODS = ("weight", "activation")
 
 
 @app.command()
@@ -31,61 +27,12 @@ def align(
     overwrite: bool = typer.Option(False, help="Replace existing --out/--json outputs."),
 ) -> None:
     """Align B to A and report how far apart they were before and after."""
-    from lmctk.basin.align import (
-        PermutedView,
-        activation_matching,
-        apply,
-        save_aligned,
-        weight_matching,
-    )
-    from lmctk.io import LazyState, load_state, resolve_checkpoint
-    from lmctk.loading import load_model_state, model_config_of, resolve_task
-    from lmctk.metrics import distances
-    from lmctk.spec import spec_for
-    from lmctk.spec.preservation import output_difference
+    from lmctk.basin.jobs import align_checkpoints
 
-    if method not in METHODS:
-        raise ConfigError(f"--method: unknown {method!r}; choose one of {', '.join(METHODS)}")
-    if stream and method != "weight":
-        raise ConfigError("--stream: only weight matching streams; drop --stream for activation matching")
     refuse_existing([out, json_out], overwrite)
-
-    model = None
-    if stream:
-        spec = spec_for(model_config_of(a))
-        state_a, state_b = LazyState(a), LazyState(b)
-    else:
-        the_task = resolve_task(task, parse_options(task_opt, "--task-opt"), [a]) if method == "activation" else None
-        model, state_a, _ = load_model_state(a, the_task)
-        state_b = load_state(b)
-        spec = spec_for(model)
-    if method == "weight":
-        result = weight_matching(spec, state_a, state_b, max_iter=max_iter, seed=seed, lap_backend=lap_backend)
-    else:
-        result = activation_matching(model, spec, state_a, state_b, the_task, max_batches=max_batches,
-                                     seed=seed, lap_backend=lap_backend)
-
-    aligned = apply(spec, state_b, result) if not stream else None
-    keys = [k for k in spec.axes if k not in spec.buffers] + spec.unpermuted(state_a.keys())
-    before = distances(state_a, state_b, keys)
-    after = distances(state_a, aligned if aligned is not None else PermutedView(spec, state_b, result.perms), keys)
-    console.print(result)
-    table = Table(title="distance to A (parameters)")
-    for col in ("", "L2", "cosine"):
-        table.add_column(col, justify="right" if col else "left")
-    table.add_row("B", f"{before['l2']:.4f}", f"{before['cosine']:.4f}")
-    table.add_row("π(B)", f"{after['l2']:.4f}", f"{after['cosine']:.4f}")
-    console.print(table)
-    check_error = output_difference(model, state_b, aligned) if model is not None else None
-    if check_error is not None:
-        console.print(f"π(B) computes the same function as B: max relative output difference {check_error:.2e}")
-    if result.unpermuted:
-        console.print(f"left unpermuted: {', '.join(result.unpermuted)}", highlight=False)
-    if out is not None:
-        save_aligned(spec, state_b, result, out, source_dir=resolve_checkpoint(b), overwrite=overwrite)
-        console.print(f"aligned B written to {out}")
+    report = align_checkpoints(a, b, method=method, task=task, task_options=parse_options(task_opt, "--task-opt"),
+                               stream=stream, max_iter=max_iter, seed=seed, lap_backend=lap_backend,
+                               max_batches=max_batches, out=out, overwrite=overwrite)
+    console.print(report)
     if json_out is not None:
-        payload = {**result.to_dict(), "perms": {g: p.tolist() for g, p in result.perms.items()},
-                   "distance": {"before": before, "after": after}, "function_check": check_error}
-        write_json(json_out, payload, overwrite)
-
+        write_json(json_out, report.to_dict(), overwrite)

@@ -65,6 +65,14 @@ def _parse_value(raw: str) -> Any:
         return raw
 
 
+def parse_list(text: str, what: str, kind: type = int) -> list[Any]:
+    """A comma-separated flag value such as '0,10,100' as a list of `kind`."""
+    try:
+        return [kind(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"{what}: '{text}' is not a comma-separated list of {kind.__name__} (e.g. 0,10,100)") from None
+
+
 def refuse_existing(paths: list[Path | None], overwrite: bool) -> None:
     """Stop before any work if an output already exists and --overwrite was not given (None: not asked for)."""
     from lmctk.errors import OutputExistsError

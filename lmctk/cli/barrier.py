@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
 from lmctk.cli.app import app, console, parse_options, refuse_existing, write_json
-from lmctk.errors import ConfigError
-
-
-def _names(paths: list[Path]) -> list[str]:
-    short = [p.name or str(p) for p in paths]
-    return short if len(set(short)) == len(short) else [str(p) for p in paths]
 
 
 @app.command()
@@ -38,57 +32,17 @@ def barrier(
 
     Exits 3 when a pair is not linearly connected (a negative verdict), 0 when all are.
     """
-    from lmctk.basin.barrier import DEFINITIONS, barrier_matrix, barrier_sweep
-    from lmctk.io import load_state
-    from lmctk.loading import load_model_state, resolve_task
-    from lmctk.render import line_plot, terminal_curve
-    from lmctk.train import resolve_device
+    from lmctk.basin.jobs import barrier_checkpoints
 
-    if len(models) < 2:
-        raise ConfigError("barrier: give at least two models (run dirs or checkpoint dirs)")
-    if definition not in DEFINITIONS:
-        raise ConfigError(f"--definition: unknown {definition!r}; choose one of {', '.join(DEFINITIONS)}")
     refuse_existing([json_out, plot], overwrite)
-    the_task = resolve_task(task, parse_options(task_opt, "--task-opt"), models)
-    model, first, _ = load_model_state(models[0], the_task)  # one skeleton; the sweep checks the others' keys
-    states = [first] + [load_state(p) for p in models[1:]]
-    target = resolve_device(device)
-    model = model.to(target)
-    kwargs: dict[str, Any] = dict(points=points, align=align, renorm=renorm, split=split, device=target,
-                                  batch_size=batch_size, calib_batches=calib_batches)
-    names = _names(models)
-    if len(models) == 2:
-        result = barrier_sweep(model, states[0], states[1], the_task, names=tuple(names), **kwargs)
-        results = [result]
-        console.print(result)
-        series = {"raw loss": result.raw.loss}
-        if result.aligned:
-            series["aligned loss"] = result.aligned.loss
-        console.print(terminal_curve(result.alphas, series, title="loss along α", xlabel="α"))
-        payload = result.to_dict()
-    else:
-        matrix = barrier_matrix(model, dict(zip(names, states)), the_task, **kwargs)
-        results = list(matrix.pairs.values())
-        console.print(matrix)
-        payload = matrix.to_dict()
-    verdicts = []
-    for r in results:
-        connected, line = r.verdict(threshold, definition)
-        prefix = "" if len(results) == 1 else f"{r.names[0]} ↔ {r.names[1]}: "
-        console.print(f"[{'green' if connected else 'red'}]{prefix}{line}[/]", highlight=False)
-        verdicts.append({"a": r.names[0], "b": r.names[1], "connected": connected, "message": line})
-    payload["verdict"] = {"threshold": threshold, "definition": definition, "pairs": verdicts}
+    report = barrier_checkpoints(models, task=task, task_options=parse_options(task_opt, "--task-opt"),
+                                 threshold=threshold, definition=definition, device=device, points=points,
+                                 align=align, renorm=renorm, split=split, batch_size=batch_size,
+                                 calib_batches=calib_batches)
+    console.print(report)
     if json_out:
-        write_json(json_out, payload, overwrite)
+        write_json(json_out, report.to_dict(), overwrite)
     if plot:
-        panels: dict[str, dict[str, list[float]]] = {"loss": {}, "accuracy": {}}
-        for r in results:
-            tag = "" if len(results) == 1 else f"{r.names[0]}–{r.names[1]} "
-            for label, curve in (("raw", r.raw), ("aligned", r.aligned)):
-                if curve is not None:
-                    panels["loss"][tag + label] = curve.loss
-                    panels["accuracy"][tag + label] = curve.accuracy
-        line_plot(plot, results[0].alphas, panels, xlabel="α", overwrite=overwrite,
-                  title=f"interpolation ({split} split, renorm={renorm})")
-    if not all(v["connected"] for v in verdicts):
+        report.plot(plot, overwrite=overwrite)
+    if not report.connected:
         raise typer.Exit(3)

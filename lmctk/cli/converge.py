@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from lmctk.cli.app import app, console, parse_options, write_json
+from lmctk.cli.app import app, console, parse_list, parse_options, write_json
 from lmctk.errors import ConfigError, OutputExistsError
 
 
@@ -35,7 +35,7 @@ def converge(
     from lmctk.dynamics.converge.analysis import converge as analyse
     from lmctk.dynamics.converge.recipe import load_converge_recipe, train_seeds
     from lmctk.dynamics.converge.report import plot as write_plots
-    from lmctk.train import parse_steps
+    from lmctk.dynamics.converge.report import render
 
     options = parse_options(task_opt, "--task-opt")
     class_file = classes
@@ -62,11 +62,11 @@ def converge(
         raise ConfigError("converge needs at least 2 run dirs (or --recipe FILE --out DIR)")
     with console.status("evaluating seeds") as status:
         result = analyse(
-            runs, task, task_options=options, steps=parse_steps(steps) if steps else None, classes=class_file,
+            runs, task, task_options=options, steps=parse_list(steps, "--steps") if steps else None, classes=class_file,
             device=device, batched=not no_vmap, progress=lambda n, total: status.update(f"evaluated step {n}/{total}"),
             **{key: value for key, value in settings.items() if value is not None},
         )
-    console.print(result)
+    console.print(render(result))
     if plot is not None:
         for path in write_plots(result, plot, overwrite=overwrite):
             console.print(f"wrote {path}", highlight=False)

@@ -121,7 +121,7 @@ def soupable(
     base: Optional[Path] = typer.Option(None, help="The common base checkpoint: enables task-vector cosines."),
     threshold: float = typer.Option(0.05, help="Largest acceptable loss barrier between two ingredients."),
     points: Optional[int] = typer.Option(None, help="Also compute full barriers on a grid of this many α (incl. 0 and 1)."),
-    metric: Optional[str] = typer.Option(None, help="Held-out metric for selection: accuracy or loss (default: loss)."),
+    metric: str = typer.Option("loss", help="Held-out metric for selection: accuracy or loss."),
     tolerance: float = typer.Option(0.0, help="Greedy soup tolerance on the val score."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the verdict as JSON here."),
     overwrite: bool = typer.Option(False, help="Replace an existing --json file."),

@@ -21,11 +21,15 @@ METRICS = ("accuracy", "loss")
 
 @dataclass
 class Scorer:
-    """Evaluates states with one model skeleton; `score` is the held-out selection score (higher is better)."""
+    """Evaluates states with one model skeleton; `score` is the held-out selection score (higher is better).
+
+    The metric defaults to loss, not accuracy: on small held-out sets accuracy ties are common, and a
+    strict greedy soup would then reject every near-identical fine-tune.
+    """
 
     model: nn.Module
     task: Task
-    metric: str = "accuracy"
+    metric: str = "loss"
     split: str = "val"
 
     def __post_init__(self) -> None:
@@ -35,13 +39,8 @@ class Scorer:
             raise ConfigError("split: the held-out selection split must not be 'test'; use 'val'")
 
     @classmethod
-    def for_checkpoint(cls, path: str | Path, task: Task, metric: str | None = None) -> Scorer:
-        """A scorer whose skeleton matches the checkpoint at `path`; the metric defaults to loss.
-
-        Loss, not accuracy, by default: on small held-out sets accuracy ties are common, and a strict
-        greedy soup would then reject every near-identical fine-tune.
-        """
-        metric = metric or "loss"
+    def for_checkpoint(cls, path: str | Path, task: Task, metric: str = "loss") -> Scorer:
+        """A scorer whose skeleton matches the checkpoint at `path`."""
         return cls(checkpoint_skeleton(path, task), task, metric)
 
     def metrics(self, state: Mapping[str, torch.Tensor], split: str) -> dict[str, float]:

@@ -51,7 +51,7 @@ class SoupConfig:
     shard_size: str = "2GB"
     tokenizer_from: str | None = None  # ingredient number or path whose tokenizer the soup keeps
     align_to: str | None = None  # permute every ingredient onto this checkpoint first (no shared init)
-    metric: Literal["accuracy", "loss"] | None = None  # greedy selection metric on val (default: loss)
+    metric: Literal["accuracy", "loss"] = "loss"  # greedy selection metric on val
     tolerance: float = 0.0  # greedy: keep a candidate if the score drops by less than this
 
     def __post_init__(self) -> None:

@@ -102,7 +102,7 @@ def soupable(
     base: str | Path | None = None,
     threshold: float = 0.05,
     points: int | None = None,
-    metric: str | None = None,
+    metric: str = "loss",
     tolerance: float = 0.0,
 ) -> Verdict:
     """Judge whether the checkpoints at `paths` should be souped on `task` (default: the runs' task)."""

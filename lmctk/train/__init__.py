@@ -4,7 +4,6 @@ from lmctk.train.config import (
     TrainConfig,
     log_spaced_steps,
     lr_at,
-    parse_steps,
     resolve_device,
 )
 from lmctk.train.fit import TrainResult, fit, load_run_model
@@ -19,5 +18,5 @@ from lmctk.train.trainer import (
 
 __all__ = [
     "TRAINER_FILE", "IsolatedRNG", "TrainConfig", "TrainResult", "Trainer", "deterministic", "fit", "init_model",
-    "load_run_model", "log_spaced_steps", "lr_at", "config_skeleton", "parse_steps", "resolve_device", "step_batch",
+    "load_run_model", "log_spaced_steps", "lr_at", "config_skeleton", "resolve_device", "step_batch",
 ]

@@ -16,28 +16,39 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine", "linear")
 
 
+def _field(default: Any, help: str, **cli: str) -> Any:
+    """A config field with its one-line help (and CLI flag name when it is not `--field-name`): the
+    `lmctk train` options are generated from these, so each option is declared once."""
+    factory = default if default in (dict, list) else None
+    metadata = {"help": help, **cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a training run; saved in the manifest and enough to rebuild it."""
 
-    task: str = "digits"  # built-in task name or module:function
-    task_options: dict[str, Any] = field(default_factory=dict)
-    model: str = "mlp"  # reference model or tiny HF model name
-    model_options: dict[str, Any] = field(default_factory=dict)
-    init_from: str | None = None  # start from this checkpoint's weights (fine-tuning) instead of a fresh init
-    seed: int = 0  # derives the init, data-order and dropout seeds
-    steps: int = 300  # optimiser steps
-    batch_size: int = 64
-    optimizer: str = "adamw"  # sgd (with momentum) | adamw
-    lr: float = 1e-3  # peak learning rate
-    momentum: float = 0.9  # SGD momentum
-    weight_decay: float = 0.0
-    warmup: int = 0  # linear warmup steps
-    schedule: str = "cosine"  # decay after warmup: constant | cosine | linear
-    grad_clip: float | None = None  # max global grad norm
-    checkpoints: list[int] = field(default_factory=list)  # steps to save (the final step always is)
-    eval_every: int = 100  # evaluate train and test every N steps (and at 0 and the end)
-    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    task: str = _field("digits", "Task: digits, synthetic, text, text-mlm, or module:function.")
+    task_options: dict[str, Any] = _field(dict, "Task option key=value (repeatable).", flag="--task-opt")
+    model: str = _field("mlp", "Model: mlp, cnn, resnet20, gpt2, gpt_neox, llama, qwen2, bert.")
+    model_options: dict[str, Any] = _field(dict, "Model option key=value (repeatable), e.g. widths=64,64.",
+                                           flag="--model-opt")
+    init_from: str | None = _field(None, "Fine-tune: start from this checkpoint's weights (run dir, HF dir or file).")
+    seed: int = _field(0, "Seed; derives separate init, data-order and dropout streams.")
+    steps: int = _field(300, "Optimiser steps.")
+    batch_size: int = _field(64, "Training batch size.")
+    optimizer: str = _field("adamw", "sgd (with momentum) or adamw.")
+    lr: float = _field(1e-3, "Peak learning rate.")
+    momentum: float = _field(0.9, "SGD momentum.")
+    weight_decay: float = _field(0.0, "Weight decay.")
+    warmup: int = _field(0, "Linear warmup steps.")
+    schedule: str = _field("cosine", "Decay after warmup: constant, cosine or linear.")
+    grad_clip: float | None = _field(None, "Clip the global gradient norm to this value.")
+    checkpoints: list[int] = _field(list, "Steps to checkpoint, e.g. 0,10,100,300 (the last step always is).")
+    eval_every: int = _field(100, "Evaluate train and test every N steps (and at 0 and the end).")
+    device: str = _field("cpu", "cpu, cuda, cuda:N or auto.")
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -96,13 +107,3 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device: '{device}' requested but CUDA is not available; use --device cpu")
     return dev
-
-
-
-def parse_steps(text: str) -> list[int]:
-    """Parse a comma-separated step list such as '0,10,100,300'."""
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError(f"checkpoints: '{text}' is not a comma-separated list of steps (e.g. 0,10,100)") from None
-

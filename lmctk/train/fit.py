@@ -49,6 +49,40 @@ class TrainResult:
 ProgressFn = Callable[[int, int, dict[str, Any] | None], None]
 
 
+def _resumed(config: TrainConfig, out: Path) -> tuple[RunDir, Trainer, int | None]:
+    """The run at `out` and a trainer restored from its latest checkpoint (fresh if it has none)."""
+    run = RunDir.open(out)
+    saved = TrainConfig.from_dict(run.manifest()["config"])
+    if saved != config:
+        raise ConfigError(f"{out}: resume with a different config than the run's manifest; "
+                          "drop --resume or use the same options")
+    steps = run.checkpoint_steps()
+    if not steps:
+        return run, Trainer(config), None
+    task = get_task(config.task, **config.task_options)
+    trainer = Trainer(config, task=task, model=config_skeleton(config, task))
+    trainer.load_checkpoint(run.checkpoint_dir(steps[-1]))
+    return run, trainer, steps[-1]
+
+
+def _created(config: TrainConfig, out: Path, overwrite: bool) -> tuple[RunDir, Trainer]:
+    """A new run dir at `out` with its manifest, and a freshly initialised trainer."""
+    run = RunDir.create(out, overwrite=overwrite)
+    trainer = Trainer(config)
+    run.write_manifest({
+        "kind": "train",
+        "created": timestamp(),
+        "config": config.to_dict(),
+        "seed": config.seed,
+        "seeds": {"init": derive_seed(config.seed, "init"), "data": trainer.data_seed,
+                  "dropout": derive_seed(config.seed, "dropout")},
+        "model": model_config(config.model, trainer.task, **config.model_options),
+        "task": {"name": config.task, "options": config.task_options, "kind": trainer.task.kind},
+        "environment": environment(),
+    })
+    return run, trainer
+
+
 def fit(
     config: TrainConfig,
     out: str | Path,
@@ -65,34 +99,9 @@ def fit(
     out = Path(out)
     start = time.perf_counter()
     if resume and (out / "manifest.json").is_file():
-        run = RunDir.open(out)
-        saved = TrainConfig.from_dict(run.manifest()["config"])
-        if saved != config:
-            raise ConfigError(f"{out}: resume with a different config than the run's manifest; "
-                              "drop --resume or use the same options")
-        steps = run.checkpoint_steps()
-        resumed_from = steps[-1] if steps else None
-        if resumed_from is None:
-            trainer = Trainer(config)
-        else:
-            task = get_task(config.task, **config.task_options)
-            trainer = Trainer(config, task=task, model=config_skeleton(config, task))
-            trainer.load_checkpoint(run.checkpoint_dir(resumed_from))
+        run, trainer, resumed_from = _resumed(config, out)
     else:
-        run = RunDir.create(out, overwrite=overwrite)
-        trainer = Trainer(config)
-        resumed_from = None
-        run.write_manifest({
-            "kind": "train",
-            "created": timestamp(),
-            "config": config.to_dict(),
-            "seed": config.seed,
-            "seeds": {"init": derive_seed(config.seed, "init"), "data": trainer.data_seed,
-                      "dropout": derive_seed(config.seed, "dropout")},
-            "model": model_config(config.model, trainer.task, **config.model_options),
-            "task": {"name": config.task, "options": config.task_options, "kind": trainer.task.kind},
-            "environment": environment(),
-        })
+        (run, trainer), resumed_from = _created(config, out, overwrite), None
 
     def log_eval() -> dict[str, Any]:
         record: dict[str, Any] = {"step": trainer.step}

@@ -68,9 +68,32 @@ class ButterflyReport:
                 "phases": keyed(self.phases), "curves": keyed(self.curves), "determinism": self.determinism,
                 **self.extras}
 
+    def _kind_table(self, kind: str, what: str, top: float):
+        """The final-barrier table of one perturbation kind: t × σ cells shaded by value, phase and σ*."""
+        from rich.table import Table
+        from rich.text import Text
+
+        by_t = self.table[kind]
+        scales = sorted({s for row in by_t.values() for s in row})
+        t = Table(title=f"{kind} perturbation: final {what}",
+                  caption="rows: perturbation step t; columns: σ; mean over replicates")
+        for col in ["t", *[f"σ={s:g}" for s in scales], *(["phase", "σ*"] if self.phases.get(kind) else [])]:
+            t.add_column(col, justify="left" if col == "phase" else "right")
+        for step in sorted(by_t):
+            cells: list[Any] = [str(step)]
+            for s in scales:
+                c = by_t[step].get(s)
+                shade = 0 if c is None else int(255 * (1 - min(max(c["mean"] / top, 0.0), 1.0)))
+                cells.append(Text("—") if c is None else
+                             Text(f"{c['mean']:.4f}", style=f"black on rgb(255,{shade},{shade})"))
+            if self.phases.get(kind):
+                p = self.phases[kind].get(step)
+                cells += ["", ""] if p is None else [p["label"], _sigma_star_text(p)]
+            t.add_row(*cells)
+        return t
+
     def __rich__(self):
         from rich.console import Group
-        from rich.table import Table
         from rich.text import Text
 
         a = self.analysis
@@ -78,37 +101,7 @@ class ButterflyReport:
         parts: list[Any] = [Text(f"{self.name}: {self.trials_done}/{self.trials_total} trials done", style="bold")]
         ref = self.reference["mean"] if self.reference else None
         top = max([c["mean"] for k in self.table.values() for t in k.values() for c in t.values()] + [ref or 0.0, 1e-12])
-        for kind, by_t in self.table.items():
-            scales = sorted({s for row in by_t.values() for s in row})
-            t = Table(title=f"{kind} perturbation: final {what}",
-                      caption="rows: perturbation step t; columns: σ; mean over replicates")
-            t.add_column("t", justify="right")
-            for s in scales:
-                t.add_column(f"σ={s:g}", justify="right")
-            if self.phases.get(kind):
-                t.add_column("phase")
-                t.add_column("σ*", justify="right")
-            for step in sorted(by_t):
-                cells = []
-                for s in scales:
-                    c = by_t[step].get(s)
-                    if c is None:
-                        cells.append(Text("—"))
-                        continue
-                    shade = int(255 * (1 - min(max(c["mean"] / top, 0.0), 1.0)))
-                    cells.append(Text(f"{c['mean']:.4f}", style=f"black on rgb(255,{shade},{shade})"))
-                row = [str(step), *cells]
-                if self.phases.get(kind):
-                    p = self.phases[kind].get(step)
-                    if p is None:
-                        row += ["", ""]
-                    else:
-                        star = ("—" if p["range"][0] == p["range"][1] else
-                                f"{p['sigma_star']:.3g}" if p["how"] == "fit" else
-                                f"≤ {p['range'][0]:g}" if p["how"] == "below" else f"> {p['range'][1]:g}")
-                        row += [p["label"], star]
-                t.add_row(*row)
-            parts.append(t)
+        parts += [self._kind_table(kind, what, top) for kind in self.table]
         if ref is not None:
             parts.append(Text(f"independent-seed {what}: {ref:.4f} (n={len(self.reference['values'])}); "
                               f"σ* = σ where the barrier reaches {a['threshold']:g} × that"))
@@ -120,6 +113,14 @@ class ButterflyReport:
         colour = "green" if status == "ok" else "red" if status == "failed" else "yellow"
         parts.append(Text(f"determinism: {status} — {d.get('message', '')}", style=colour))
         return Group(*parts)
+
+
+def _sigma_star_text(p: dict[str, Any]) -> str:
+    if p["range"][0] == p["range"][1]:
+        return "—"
+    if p["how"] == "fit":
+        return f"{p['sigma_star']:.3g}"
+    return f"≤ {p['range'][0]:g}" if p["how"] == "below" else f"> {p['range'][1]:g}"
 
 
 def summarize(name: str, recipe: dict[str, Any], trial_ids: list[str], records: Iterable[dict[str, Any]]) -> ButterflyReport:
@@ -162,20 +163,29 @@ def summarize(name: str, recipe: dict[str, Any], trial_ids: list[str], records: 
             "barrier": [statistics.fmean(s[j]["barrier"][metric][definition] for s in series) for j in range(len(steps))],
         }
     reference = {"mean": statistics.fmean(ref_values), "values": ref_values} if ref_values else None
-    phases: dict[str, dict[int, dict[str, Any]]] = {}
-    if reference and reference["mean"] > 0:
-        target = analysis["threshold"] * reference["mean"]
-        for kind, by_t in table.items():
-            for t, row in by_t.items():
-                scales = sorted(s for s in row if s > 0)
-                if not scales:
-                    continue
-                star, how = sigma_star(scales, [row[s]["mean"] for s in scales], target)
-                phases.setdefault(kind, {})[t] = {"label": phase_label(how), "sigma_star": star, "how": how,
-                                                  "range": [scales[0], scales[-1]], "target": target}
+    phases = _phases(table, reference, analysis["threshold"])
     determinism = _determinism(preflight, zero_checks)
     return ButterflyReport(name, len(trial_ids), sum(1 for i in trial_ids if i in done), dict(analysis),
                            reference, table, phases, curves, determinism)
+
+
+def _phases(table: dict[str, dict[int, dict[float, dict[str, float]]]], reference: dict[str, Any] | None,
+            threshold: float) -> dict[str, dict[int, dict[str, Any]]]:
+    """Per kind and t: σ* where the final barrier reaches `threshold` × the independent-seed barrier, and
+    the phase it implies (none without a positive reference)."""
+    phases: dict[str, dict[int, dict[str, Any]]] = {}
+    if not reference or reference["mean"] <= 0:
+        return phases
+    target = threshold * reference["mean"]
+    for kind, by_t in table.items():
+        for t, row in by_t.items():
+            scales = sorted(s for s in row if s > 0)
+            if not scales:
+                continue
+            star, how = sigma_star(scales, [row[s]["mean"] for s in scales], target)
+            phases.setdefault(kind, {})[t] = {"label": phase_label(how), "sigma_star": star, "how": how,
+                                              "range": [scales[0], scales[-1]], "target": target}
+    return phases
 
 
 def _determinism(preflight: dict[str, Any] | None, zero_checks: list[bool]) -> dict[str, Any]:

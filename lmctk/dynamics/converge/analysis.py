@@ -279,6 +279,30 @@ def _strata_labels(task: Task, targets: torch.Tensor, final_nll: torch.Tensor, c
     return strata
 
 
+def _step_metrics(step: int, out: StepOutputs, lay: dict[str, list], strata: dict, clusters: torch.Tensor,
+                  k: int) -> StepMetrics:
+    """The summaries of one step from its per-token outputs and per-layer statistics."""
+    kl_mean, kl_se = metrics.clustered_mean(out.kl, clusters)
+    losses = out.nll.double().mean(1)
+    return StepMetrics(
+        step=step, kl=kl_mean, kl_se=kl_se, kl_pairs=out.pair_kl.tolist(),
+        strata={kind: metrics.stratified_means(out.kl, labels, clusters, names)
+                for kind, (labels, names) in strata.items()},
+        fingerprint_raw=lay["raw"], fingerprint_centred=lay["centred"],
+        fingerprint_seed=_by_seed(lay["seed_fp"], k), cka=lay["cka"], cka_seed=_by_seed(lay["seed_cka"], k),
+        losses=losses.tolist(), loss=metrics.loss_spread(losses),
+    )
+
+
+def _regimes(steps: list[int], per_step: list[StepMetrics], source: str, k: int, notes: list[str]) -> Regimes:
+    """Seed regimes from each seed's curve (mean over layers) of the chosen per-seed similarity."""
+    field_name = {"fingerprint": "fingerprint_seed", "cka": "cka_seed"}[source]
+    curves = torch.tensor([[finite_mean(getattr(p, field_name)[i]) for p in per_step] for i in range(k)])
+    what = "centred fingerprint cosine" if source == "fingerprint" else "debiased linear CKA"
+    notes.append(f"regimes: from each seed's {what} to the other seeds (mean over layers)")
+    return seed_regimes(steps, curves)
+
+
 def converge(
     runs: Sequence[str | Path],
     task: Task | str | None = None,
@@ -330,28 +354,9 @@ def converge(
     layers = evaluator.layer_names
     if not layers:
         notes.append("fingerprints and CKA skipped: the model exposes no hidden states or nn.ModuleList blocks")
-    per_step = []
-    for s in chosen:
-        out = outputs[s]
-        kl_mean, kl_se = metrics.clustered_mean(out.kl, evaluator.clusters)
-        losses = out.nll.double().mean(1)
-        lay = layer_stats[s]
-        per_step.append(StepMetrics(
-            step=s, kl=kl_mean, kl_se=kl_se, kl_pairs=out.pair_kl.tolist(),
-            strata={kind: metrics.stratified_means(out.kl, labels, evaluator.clusters, names)
-                    for kind, (labels, names) in strata.items()},
-            fingerprint_raw=lay["raw"], fingerprint_centred=lay["centred"],
-            fingerprint_seed=_by_seed(lay["seed_fp"], k), cka=lay["cka"], cka_seed=_by_seed(lay["seed_cka"], k),
-            losses=losses.tolist(), loss=metrics.loss_spread(losses),
-        ))
+    per_step = [_step_metrics(s, outputs[s], layer_stats[s], strata, evaluator.clusters, k) for s in chosen]
     phases = detect_phases(chosen, [p.kl for p in per_step])
-    regimes = None
-    if layers and len(chosen) >= 2:
-        field_name = {"fingerprint": "fingerprint_seed", "cka": "cka_seed"}[regimes_from]
-        curves = torch.tensor([[finite_mean(getattr(p, field_name)[i]) for p in per_step] for i in range(k)])
-        regimes = seed_regimes(chosen, curves)
-        what = "centred fingerprint cosine" if regimes_from == "fingerprint" else "debiased linear CKA"
-        notes.append(f"regimes: from each seed's {what} to the other seeds (mean over layers)")
+    regimes = _regimes(chosen, per_step, regimes_from, k, notes) if layers and len(chosen) >= 2 else None
     if not evaluator.batched:
         notes.append("seeds evaluated one at a time (batched=False)")
     return ConvergeResult([str(r.path) for r in opened], chosen, missing, layers, per_step, phases, regimes,

@@ -1,4 +1,4 @@
-"""`lmctk run` (butterfly / instability sweeps from a recipe) and `lmctk report` (render a run dir)."""
+"""`lmctk butterfly` (alias `lmctk run`: butterfly / instability sweeps from a recipe) and `lmctk report`."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ def _rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-@app.command()
-def run(
+def butterfly(
     recipe: Path = typer.Argument(..., help="A butterfly recipe (TOML), e.g. recipes/butterfly-digits-mlp.toml."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: the recipe's run.out or runs/<recipe name>)."),
     resume: bool = typer.Option(False, help="Continue a killed run: finished trials are skipped."),
@@ -57,9 +56,13 @@ def run(
         write_json(json_out, result.to_dict(), overwrite)
 
 
+app.command("butterfly")(butterfly)
+app.command("run", help="Alias of `lmctk butterfly`: run a sweep of twin trials from a recipe.")(butterfly)
+
+
 @app.command()
 def report(
-    run_dir: Path = typer.Argument(..., help="A run directory made by `lmctk run` (finished or not)."),
+    run_dir: Path = typer.Argument(..., help="A run directory made by `lmctk butterfly` (finished or not)."),
     plots: bool = typer.Option(True, help="Write divergence PNGs into the run dir."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report JSON here."),
     overwrite: bool = typer.Option(False, help="Replace an existing --json file."),

@@ -1,0 +1,212 @@
+"""The basin jobs as a user runs them: from checkpoint paths to a result object that renders itself.
+
+`align_checkpoints` aligns B to A (weight or activation matching, in memory or streamed) and measures the
+distances before and after; `barrier_checkpoints` sweeps the line between two or more models and
+judges each pair. The CLI parses, calls one of these and prints what it returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lmctk.basin.align import (
+    MatchResult,
+    PermutedView,
+    activation_matching,
+    apply,
+    save_aligned,
+    weight_matching,
+)
+from lmctk.basin.barrier import (
+    DEFINITIONS,
+    BarrierResult,
+    barrier_matrix,
+    barrier_sweep,
+)
+from lmctk.errors import ConfigError
+from lmctk.io import LazyState, load_state, resolve_checkpoint
+from lmctk.loading import load_model_state, model_config_of, resolve_task
+from lmctk.metrics import distances
+from lmctk.render import line_plot, terminal_curve
+from lmctk.spec import spec_for
+from lmctk.spec.preservation import output_difference
+from lmctk.train import resolve_device
+
+MATCHING = ("weight", "activation")
+
+
+@dataclass
+class AlignReport:
+    """Permutations of B onto A, the parameter distances before and after, and the function check."""
+
+    match: MatchResult
+    before: dict[str, float]
+    after: dict[str, float]
+    function_check: float | None  # max relative output difference of π(B) vs B (None when streamed)
+    written: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.match.to_dict(), "perms": {g: p.tolist() for g, p in self.match.perms.items()},
+                "distance": {"before": self.before, "after": self.after}, "function_check": self.function_check}
+
+    def __rich__(self):
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(title="distance to A (parameters)")
+        for col in ("", "L2", "cosine"):
+            table.add_column(col, justify="right" if col else "left")
+        table.add_row("B", f"{self.before['l2']:.4f}", f"{self.before['cosine']:.4f}")
+        table.add_row("π(B)", f"{self.after['l2']:.4f}", f"{self.after['cosine']:.4f}")
+        lines = []
+        if self.function_check is not None:
+            lines.append(f"π(B) computes the same function as B: max relative output difference "
+                         f"{self.function_check:.2e}")
+        if self.match.unpermuted:
+            lines.append(f"left unpermuted: {', '.join(self.match.unpermuted)}")
+        if self.written is not None:
+            lines.append(f"aligned B written to {self.written}")
+        return Group(self.match, table, *[Text(line) for line in lines])
+
+
+def align_checkpoints(
+    a: str | Path,
+    b: str | Path,
+    *,
+    method: str = "weight",
+    task: str | None = None,
+    task_options: Mapping[str, Any] | None = None,
+    stream: bool = False,
+    max_iter: int = 100,
+    seed: int = 0,
+    lap_backend: str = "auto",
+    max_batches: int = 8,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+) -> AlignReport:
+    """Align checkpoint B to checkpoint A; with `out`, write π(B) there as an HF model dir.
+
+    `stream` reads both checkpoints tensor by tensor (weight matching only), so neither is held whole.
+    """
+    if method not in MATCHING:
+        raise ConfigError(f"--method: unknown {method!r}; choose one of {', '.join(MATCHING)}")
+    if stream and method != "weight":
+        raise ConfigError("--stream: only weight matching streams; drop --stream for activation matching")
+    model, the_task = None, None
+    if stream:
+        spec = spec_for(model_config_of(a))
+        state_a, state_b = LazyState(a), LazyState(b)
+    else:
+        the_task = resolve_task(task, task_options, [a]) if method == "activation" else None
+        model, state_a, _ = load_model_state(a, the_task)
+        state_b = load_state(b)
+        spec = spec_for(model)
+    if method == "weight":
+        match = weight_matching(spec, state_a, state_b, max_iter=max_iter, seed=seed, lap_backend=lap_backend)
+    else:
+        match = activation_matching(model, spec, state_a, state_b, the_task, max_batches=max_batches,
+                                    seed=seed, lap_backend=lap_backend)
+    aligned = apply(spec, state_b, match) if not stream else PermutedView(spec, state_b, match.perms)
+    keys = [k for k in spec.axes if k not in spec.buffers] + spec.unpermuted(state_a.keys())
+    report = AlignReport(match, distances(state_a, state_b, keys), distances(state_a, aligned, keys),
+                         output_difference(model, state_b, aligned) if model is not None else None)
+    if out is not None:
+        report.written = save_aligned(spec, state_b, match, out, source_dir=resolve_checkpoint(b),
+                                      overwrite=overwrite)
+    return report
+
+
+def _names(paths: Sequence[Path]) -> list[str]:
+    short = [p.name or str(p) for p in paths]
+    return short if len(set(short)) == len(short) else [str(p) for p in paths]
+
+
+@dataclass
+class BarrierReport:
+    """Barrier sweeps between two models (or every pair of several) and a verdict per pair."""
+
+    results: list[BarrierResult]
+    threshold: float
+    definition: str
+    matrix: Any = None  # the BarrierMatrix when more than two models were swept
+    verdicts: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for r in self.results:
+            connected, line = r.verdict(self.threshold, self.definition)
+            self.verdicts.append({"a": r.names[0], "b": r.names[1], "connected": connected, "message": line})
+
+    @property
+    def connected(self) -> bool:
+        """Whether every pair is linearly connected (the CLI exits 3 otherwise)."""
+        return all(v["connected"] for v in self.verdicts)
+
+    def to_dict(self) -> dict[str, Any]:
+        payload = self.matrix.to_dict() if self.matrix is not None else self.results[0].to_dict()
+        payload["verdict"] = {"threshold": self.threshold, "definition": self.definition, "pairs": self.verdicts}
+        return payload
+
+    def __rich__(self):
+        from rich.console import Group
+        from rich.text import Text
+
+        parts: list[Any] = [self.matrix] if self.matrix is not None else [self.results[0]]
+        if self.matrix is None:
+            r = self.results[0]
+            series = {"raw loss": r.raw.loss, **({"aligned loss": r.aligned.loss} if r.aligned else {})}
+            parts.append(terminal_curve(r.alphas, series, title="loss along α", xlabel="α"))
+        for v in self.verdicts:
+            prefix = "" if self.matrix is None else f"{v['a']} ↔ {v['b']}: "
+            parts.append(Text(prefix + v["message"], style="green" if v["connected"] else "red"))
+        return Group(*parts)
+
+    def plot(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """A PNG of loss and accuracy along α, raw and aligned, for every pair."""
+        panels: dict[str, dict[str, list[float]]] = {"loss": {}, "accuracy": {}}
+        for r in self.results:
+            tag = "" if len(self.results) == 1 else f"{r.names[0]}–{r.names[1]} "
+            for label, curve in (("raw", r.raw), ("aligned", r.aligned)):
+                if curve is not None:
+                    panels["loss"][tag + label] = curve.loss
+                    panels["accuracy"][tag + label] = curve.accuracy
+        s = self.results[0].settings
+        return line_plot(path, self.results[0].alphas, panels, xlabel="α", overwrite=overwrite,
+                         title=f"interpolation ({s['split']} split, renorm={s['renorm']})")
+
+
+def barrier_checkpoints(
+    models: Sequence[str | Path],
+    *,
+    task: str | None = None,
+    task_options: Mapping[str, Any] | None = None,
+    threshold: float = 0.05,
+    definition: str = "mean_endpoint",
+    device: str = "cpu",
+    **sweep: Any,
+) -> BarrierReport:
+    """Barrier sweeps between checkpoints (every pair when more than two), judged against `threshold`.
+
+    `sweep` goes to `barrier_sweep` (points, align, renorm, split, batch_size, calib_batches, ...).
+    """
+    models = [Path(m) for m in models]
+    if len(models) < 2:
+        raise ConfigError("barrier: give at least two models (run dirs or checkpoint dirs)")
+    if definition not in DEFINITIONS:
+        raise ConfigError(f"--definition: unknown {definition!r}; choose one of {', '.join(DEFINITIONS)}")
+    the_task = resolve_task(task, task_options, models)
+    model, first, _ = load_model_state(models[0], the_task)  # one skeleton; the sweep checks the others' keys
+    states = [first] + [load_state(p) for p in models[1:]]
+    target = resolve_device(device)
+    model: nn.Module = model.to(target)
+    names = _names(models)
+    if len(models) == 2:
+        result = barrier_sweep(model, states[0], states[1], the_task, names=tuple(names), device=target, **sweep)
+        return BarrierReport([result], threshold, definition)
+    matrix = barrier_matrix(model, dict(zip(names, states)), the_task, device=target, **sweep)
+    return BarrierReport(list(matrix.pairs.values()), threshold, definition, matrix)
