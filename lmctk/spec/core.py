@@ -18,8 +18,8 @@ acts on, so a perm returned by a maximising LAP on S[i, j] = <A_i, B_j> maps B o
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 import dataclasses
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Union
