@@ -1,11 +1,11 @@
 """Are A and B in one basin? Exact batched linear assignment (`lap`), permutation alignment by weight or
-activation matching (`align`), interpolation paths and their evaluation engines (`path`), barrier sweeps
+activation matching (`align`, `activation`), interpolation paths and their evaluation engines (`path`), barrier sweeps
 and matrices (`barrier`), and BatchNorm reset / REPAIR along a path (`renorm`)."""
 
+from lmctk.basin.activation import activation_matching
 from lmctk.basin.align import (
     MatchResult,
     PermutedView,
-    activation_matching,
     apply,
     save_aligned,
     weight_matching,

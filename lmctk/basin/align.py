@@ -5,6 +5,9 @@ group g, S_g[i, j] = Σ over the tensors g acts on of <A's slice i, B's slice j>
 permuted by every other group; the best perm for g is a linear assignment on S_g. Groups that share
 no tensor do not influence each other's S, so each sweep solves them together in one batched LAP
 call. The sweep order is seeded; the loop stops after a sweep with no improvement.
+A group with per-block groups (heads and their within-head orders) is updated by one joint step:
+every (A head, B head) pair's within-head assignments are solved in one batched LAP, and their optima
+are the costs of one outer LAP over heads, so head order and within-head order are found together.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from lmctk.io import assert_same_shapes, state_device, state_shapes
 from lmctk.spec.core import (
     Perms,
     PermutationSpec,
+    coordinates,
     group_slices,
-    groups_in,
     identity_perms,
     is_identity,
     permute_state,
@@ -59,8 +62,8 @@ class MatchResult:
             "similarity_seconds": self.similarity_seconds,
             "lap_backends": sorted(set(self.lap_backends)),
             "unpermuted": self.unpermuted,
-            "groups": {g: len(p) for g, p in self.perms.items()},
-            "moved": {g: int((p != torch.arange(len(p), device=p.device)).sum()) for g, p in self.perms.items()},
+            "groups": {g: p.shape[-1] for g, p in self.perms.items()},
+            "moved": {g: int((p != torch.arange(p.shape[-1], device=p.device)).sum()) for g, p in self.perms.items()},
         }
 
     def __rich__(self):
@@ -78,16 +81,21 @@ class MatchResult:
         return t
 
 
+def _rows(tensor: torch.Tensor, axis: int, index: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """`tensor` gathered along `axis` by `index` (None: as it is), that axis first, as `rows` rows."""
+    if index is not None:  # gather along the original (contiguous) axis, then bring it to the front
+        tensor = tensor.index_select(axis, index.to(tensor.device))
+    return tensor.movedim(axis, 0).reshape(rows, -1)
+
+
 def _slices(spec: PermutationSpec, tensor: torch.Tensor, axes, axis: int, group: str, cache: dict) -> torch.Tensor:
-    """The tensor with `group`'s elements as rows: [n_group, everything else]."""
+    """The tensor with `group`'s elements as rows: [n_group, everything else] ([n_block * n_group, …] per block)."""
     key = (axes[axis], group)
     if key not in cache:
-        flat = group_slices(axes[axis], spec.groups, group).reshape(-1)
+        flat = group_slices(axes[axis], spec.groups, group, spec.blocks).reshape(-1)
         cache[key] = None if is_identity(flat) else flat
-    flat = cache[key]
-    if flat is not None:  # gather along the original (contiguous) axis, then bring it to the front
-        tensor = tensor.index_select(axis, flat.to(tensor.device))
-    return tensor.movedim(axis, 0).reshape(spec.groups[group], -1)
+    rows = spec.groups[group] * (spec.groups[spec.blocks[group]] if group in spec.blocks else 1)
+    return _rows(tensor, axis, cache[key], rows)
 
 
 def similarity(
@@ -96,30 +104,33 @@ def similarity(
 ) -> torch.Tensor:
     """S[i, j] = Σ <A slice i, π_{-g}(B) slice j> over the tensors `group` acts on (fp32).
 
-    `users` is `spec.users()[group]`, passed by callers that compute the inverse map once.
+    A per-block group gets one matrix per block: S[e, i, j]. `users` is `spec.users()[group]`,
+    passed by callers that compute the inverse map once.
     """
     users = spec.users()[group] if users is None else users
     others = {g: p for g, p in perms.items() if g != group}
     n = spec.groups[group]
-    S = torch.zeros(n, n, dtype=torch.float32, device=state_device(a))
+    blocks = spec.groups[spec.blocks[group]] if group in spec.blocks else 1
+    S = torch.zeros(blocks, n, n, dtype=torch.float32, device=state_device(a))
     slices: dict = {}
     indices: dict = {}
     for key, axis in users:
         axes = spec.axes[key]
-        ta = a[key].to(torch.float32)
-        tb = permute_tensor(b[key].to(torch.float32), axes, spec.groups, others, indices)
-        S += _slices(spec, ta, axes, axis, group, slices) @ _slices(spec, tb, axes, axis, group, slices).T
-    return S
+        ta = _slices(spec, a[key].to(torch.float32), axes, axis, group, slices)
+        tb = permute_tensor(b[key].to(torch.float32), axes, spec.groups, others, indices, spec.blocks)
+        tb = _slices(spec, tb, axes, axis, group, slices)
+        S += ta.reshape(blocks, n, -1) @ tb.reshape(blocks, n, -1).transpose(1, 2)
+    return S if group in spec.blocks else S[0]
 
 
-def objective(spec: PermutationSpec, a: State, b: State, perms: Perms) -> float:
-    """Σ over spec'd parameters (tied aliases once, buffers never) of <A, π(B)>."""
+def objective(spec: PermutationSpec, a: State, b: State, perms: Perms, keys: set[str] | None = None) -> float:
+    """Σ over spec'd parameters (tied aliases once, buffers never; only `keys` if given) of <A, π(B)>."""
     total = 0.0
     indices: dict = {}
     for key, axes in spec.axes.items():
-        if key in spec.buffers:
+        if key in spec.buffers or (keys is not None and key not in keys):
             continue
-        tb = permute_tensor(b[key].to(torch.float32), axes, spec.groups, perms, indices)
+        tb = permute_tensor(b[key].to(torch.float32), axes, spec.groups, perms, indices, spec.blocks)
         total += float((a[key].to(torch.float32) * tb).sum())
     return total
 
@@ -136,6 +147,79 @@ def independent_rounds(
         else:
             rounds.append([g])
     return rounds
+
+
+def head_step(
+    spec: PermutationSpec, a: State, b: State, perms: Perms, block: str,
+    users: list[tuple[str, int]], lap_backend: str = "auto",
+) -> tuple[Perms, list[str]]:
+    """Joint best order of `block` (heads) and of its per-block groups (within-head dims), others fixed.
+
+    Cost of pairing A's head e with B's head j = Σ of that pair's optimal within-head assignments
+    (all pairs and groups of one size in one batched LAP) + the head's other slots; one outer LAP
+    over heads then picks the pairs. Exact when no slot holds two within-head groups; tensors where
+    they meet (GQA's o_proj: query head x v dim) are left out of the costs, and callers keep the step
+    only if it raises the objective. Returns the proposed perms and the LAP backends used.
+    """
+    deps = [g for g, o in spec.blocks.items() if o == block and spec.groups[g] > 1]
+    others = {g: p for g, p in perms.items() if g != block and g not in deps}
+    n = spec.groups[block]
+    device = state_device(a)
+    C = torch.zeros(n, n, dtype=torch.float32, device=device)
+    S = {g: torch.zeros(n, n, spec.groups[g], spec.groups[g], device=device) for g in deps}
+    indices: dict = {}
+    for key, axis in users:
+        axes, layout = spec.axes[key], spec.axes[key][axis]
+        _, coords = coordinates(layout, spec.groups)
+        present = [g for g in deps if g in coords]
+        held = sum(((coords[g][0] >= 0).long() for g in present), torch.zeros_like(coords[block][0]))
+        if bool((held > 1).any()):
+            continue
+        ta = a[key].to(torch.float32)
+        tb = permute_tensor(b[key].to(torch.float32), axes, spec.groups, others, indices, spec.blocks)
+        slots = group_slices(layout, spec.groups, block)
+        slots = slots[:, held[slots[0]] == 0].reshape(-1)  # a head's slots that no within-head group moves
+        C += _rows(ta, axis, slots, n) @ _rows(tb, axis, slots, n).T
+        for g in present:
+            index = group_slices(layout, spec.groups, g, spec.blocks).reshape(-1)
+            d = spec.groups[g]
+            rows_a = _rows(ta, axis, index, n * d).reshape(n, d, -1)
+            rows_b = _rows(tb, axis, index, n * d).reshape(n, d, -1)
+            S[g] += torch.einsum("eir,jkr->ejik", rows_a, rows_b)
+    inner: dict[str, torch.Tensor] = {}
+    backends = []
+    for d in sorted({spec.groups[g] for g in deps}):
+        gs = [g for g in deps if spec.groups[g] == d]
+        stacked = torch.stack([S[g] for g in gs])
+        solved, info = lap.solve(stacked, maximize=True, backend=lap_backend, return_info=True)
+        backends.append(info.backend)
+        C += lap.objective(stacked, solved).sum(0).to(C.dtype)
+        inner.update(zip(gs, solved))
+    heads, info = lap.solve(C, maximize=True, backend=lap_backend, return_info=True)
+    proposal = {block: heads.to(device)}
+    proposal.update({g: p[torch.arange(n, device=p.device), heads.to(p.device)].to(device) for g, p in inner.items()})
+    return proposal, [*backends, info.backend]
+
+
+def solve_round(spec: PermutationSpec, S: dict[str, torch.Tensor], perms: Perms, lap_backend: str,
+                tol: float) -> list[str]:
+    """One batched LAP per group size over the similarities `S` of independent groups; a group's
+    permutation is replaced only when its assignment strictly improves. Returns the backends used."""
+    by_size: dict[int, list[str]] = {}
+    for g in S:
+        by_size.setdefault(spec.groups[g], []).append(g)
+    backends = []
+    for gs in by_size.values():
+        n = spec.groups[gs[0]]
+        stacked = torch.cat([S[g].reshape(-1, n, n) for g in gs])
+        new, info = lap.solve(stacked, maximize=True, backend=lap_backend, return_info=True)
+        backends.append(info.backend)
+        for g, p_new in zip(gs, new.split([S[g].reshape(-1, n, n).shape[0] for g in gs])):
+            p_new = p_new.reshape(perms[g].shape)
+            old_score = float(lap.objective(S[g], perms[g]).sum())
+            if float(lap.objective(S[g], p_new).sum()) > old_score + tol * max(1.0, abs(old_score)):
+                perms[g] = p_new.to(perms[g].device)
+    return backends
 
 
 def weight_matching(
@@ -163,6 +247,7 @@ def weight_matching(
     perms = {g: p.to(device) for g, p in (init or identity_perms(spec)).items()}
     rng = random.Random(seed)
     users, neighbours = spec.users(), spec.neighbours()  # derived once, not per group and sweep
+    block_keys = {b: {key for key, _ in users[b]} for b in set(spec.blocks.values())}
     trace = [objective(spec, a, b, perms)]
     lap_time = sim_time = 0.0
     backends: list[str] = []
@@ -171,22 +256,20 @@ def weight_matching(
         order = sorted(spec.groups)
         rng.shuffle(order)
         for round_ in independent_rounds(spec, order, neighbours):
-            t0 = time.perf_counter()
-            S = {g: similarity(spec, a, b, perms, g, users[g]) for g in round_}
-            sim_time += time.perf_counter() - t0
-            by_size: dict[int, list[str]] = {}
-            for g in round_:
-                by_size.setdefault(spec.groups[g], []).append(g)
-            for gs in by_size.values():
+            for g in (g for g in round_ if g in block_keys):  # heads with their within-head groups, jointly
                 t0 = time.perf_counter()
-                stacked = torch.stack([S[g] for g in gs])
-                new, info = lap.solve(stacked, maximize=True, backend=lap_backend, return_info=True)
+                proposal, used = head_step(spec, a, b, perms, g, users[g], lap_backend)
                 lap_time += time.perf_counter() - t0
-                backends.append(info.backend)
-                for g, p_new in zip(gs, new):
-                    old_score = float(lap.objective(S[g], perms[g]))
-                    if float(lap.objective(S[g], p_new)) > old_score + tol * max(1.0, abs(old_score)):
-                        perms[g] = p_new.to(device)
+                backends += used
+                before = objective(spec, a, b, perms, block_keys[g])
+                if objective(spec, a, b, {**perms, **proposal}, block_keys[g]) > before + tol * max(1.0, abs(before)):
+                    perms.update(proposal)
+            t0 = time.perf_counter()
+            S = {g: similarity(spec, a, b, perms, g, users[g]) for g in round_ if g not in block_keys}
+            sim_time += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            backends += solve_round(spec, S, perms, lap_backend, tol)
+            lap_time += time.perf_counter() - t0
         trace.append(objective(spec, a, b, perms))
         if trace[-1] <= trace[-2] + tol * max(1.0, abs(trace[-2])):
             break
@@ -207,153 +290,6 @@ def apply(spec: PermutationSpec, state: State, result: MatchResult | Perms) -> d
     """B permuted into A's neuron order."""
     perms = result.perms if isinstance(result, MatchResult) else result
     return permute_state(state, spec, perms)
-
-
-# -- activation matching -------------------------------------------------------------------------
-
-_NORMS_ON_CHANNEL_DIM = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm)
-
-
-def activation_sites(model: torch.nn.Module, spec: PermutationSpec) -> dict[str, tuple[int, Any]]:
-    """Modules whose output features carry permuted groups: name -> (output feature dim, layout).
-
-    The layout is the one of the module's weight axis that indexes its outputs: axis 0 for
-    Linear/Conv/norms, axis 1 for HF `Conv1D` (in, out) and for embeddings.
-    """
-    from transformers.pytorch_utils import Conv1D
-
-    sites = {}
-    for name, module in model.named_modules():
-        axes = spec.layout_of(f"{name}.weight" if name else "weight")
-        if axes is None:
-            continue
-        if isinstance(module, (Conv1D, torch.nn.Embedding)):
-            weight_axis, out_dim = 1, -1
-        elif isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, *_NORMS_ON_CHANNEL_DIM)):
-            weight_axis, out_dim = 0, 1
-        else:  # Linear, LayerNorm, RMSNorm and other per-feature modules
-            weight_axis, out_dim = 0, -1
-        if axes[weight_axis] is not None:
-            sites[name] = (out_dim, axes[weight_axis])
-    return sites
-
-
-class _CrossCorrelation:
-    """Running sums for the correlation between two models' features at one site (float64)."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.sums: dict[str, torch.Tensor] = {}
-
-    def update(self, fa: torch.Tensor, fb: torch.Tensor) -> None:
-        fa, fb = fa.double(), fb.double()
-        parts = {"a": fa.sum(0), "b": fb.sum(0), "aa": (fa * fa).sum(0), "bb": (fb * fb).sum(0), "ab": fa.T @ fb}
-        for k, v in parts.items():
-            self.sums[k] = self.sums[k] + v if k in self.sums else v
-        self.n += fa.shape[0]
-
-    def correlation(self) -> torch.Tensor:
-        s, n = self.sums, self.n
-        mean_a, mean_b = s["a"] / n, s["b"] / n
-        std_a = (s["aa"] / n - mean_a**2).clamp_min(0).sqrt() + 1e-8
-        std_b = (s["bb"] / n - mean_b**2).clamp_min(0).sqrt() + 1e-8
-        cov = s["ab"] / n - mean_a[:, None] * mean_b[None, :]
-        return cov / (std_a[:, None] * std_b[None, :])
-
-
-def _features(output: Any, out_dim: int) -> torch.Tensor:
-    out = output[0] if isinstance(output, tuple) else output
-    return out.detach().movedim(out_dim, -1).reshape(-1, out.shape[out_dim])
-
-
-def _pooled_similarity(
-    spec: PermutationSpec, correlations: State, group: str, users: list[tuple[str, int]]
-) -> torch.Tensor:
-    """S[i, j] = Σ over all slot pairs (s, t) of C[(i, s), (j, t)], blind to how other groups order
-    an element's slots (for one-slot groups it is the exact objective).
-
-    Used to start the coordinate descent: a head's match is found before its within-head order is.
-    """
-    n = spec.groups[group]
-    S = torch.zeros(n, n)
-    for key, axis in users:
-        idx = group_slices(spec.axes[key][axis], spec.groups, group)
-        flat = idx.reshape(-1)
-        block = correlations[key][flat][:, flat].reshape(n, idx.shape[1], n, idx.shape[1])
-        S += block.sum((1, 3))
-    return S
-
-
-@torch.no_grad()
-def activation_matching(
-    model: torch.nn.Module,
-    spec: PermutationSpec,
-    a: State,
-    b: State,
-    task: Any,
-    *,
-    split: str = "train",
-    max_batches: int = 8,
-    batch_size: int | None = 256,
-    seed: int = 0,
-    lap_backend: str = "auto",
-) -> MatchResult:
-    """Permutations of B's groups that maximise the correlation of A's and B's activations.
-
-    Activations are recorded (hooks) at every module whose outputs carry a group, on the task's
-    fixed `split` batches (at most `max_batches`); the summed per-site correlations are then
-    maximised over all groups jointly by the same coordinate descent as weight matching.
-    """
-    from torch.func import functional_call
-
-    start = time.perf_counter()
-    sites = activation_sites(model, spec)
-    missing = sorted(set(spec.groups) - {g for _, layout in sites.values() for g in groups_in(layout)})
-    if missing:
-        raise ConfigError(f"activation matching: no activation site carries group(s) {', '.join(missing)}; "
-                          "use weight matching for this architecture")
-    device = state_device(a)
-    stats = {name: _CrossCorrelation() for name in sites}
-    captured: dict[str, torch.Tensor] = {}
-    modules = dict(model.named_modules())
-    hooks = [modules[name].register_forward_hook(
-        lambda _m, _i, out, name=name: captured.__setitem__(name, _features(out, sites[name][0])))
-        for name in sites]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in task.eval_batches(split, device=device, batch_size=batch_size)[:max_batches]:
-            functional_call(model, dict(a), args=(), kwargs=batch.inputs, tie_weights=False)
-            feats_a = dict(captured)
-            functional_call(model, dict(b), args=(), kwargs=batch.inputs, tie_weights=False)
-            for name in sites:
-                stats[name].update(feats_a[name], captured[name])
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    correlations = {name: stats[name].correlation().float().cpu() for name in sites}
-    sim_time = time.perf_counter() - start
-    # Σ_sites Σ_p C[p, π(p)] is weight matching between identity matrices and the correlations:
-    # one coordinate-descent mechanism, so groups sharing an axis (heads, within-head) are solved jointly.
-    corr_spec = PermutationSpec(spec.groups, {name: (None, layout) for name, (_, layout) in sites.items()},
-                                name=f"{spec.name} activations")
-    identities = {name: torch.eye(c.shape[0]) for name, c in correlations.items()}
-    users = corr_spec.users()
-    init = {g: lap.solve(_pooled_similarity(corr_spec, correlations, g, users[g]), backend=lap_backend)
-            for g in spec.groups}
-    matched = weight_matching(corr_spec, identities, correlations, init=init, seed=seed, lap_backend=lap_backend)
-    return MatchResult(
-        perms=matched.perms,
-        method="activation_matching",
-        objective=matched.objective,
-        sweeps=matched.sweeps,
-        seconds=time.perf_counter() - start,
-        lap_seconds=matched.lap_seconds,
-        similarity_seconds=sim_time + matched.similarity_seconds,
-        lap_backends=matched.lap_backends,
-        unpermuted=spec.unpermuted(a.keys()),
-    )
 
 
 def save_aligned(
@@ -392,7 +328,8 @@ class PermutedView(Mapping):
     def __getitem__(self, key: str) -> torch.Tensor:
         axes = self.spec.layout_of(key)
         value = self.state[key]
-        return value if axes is None else permute_tensor(value, axes, self.spec.groups, self.perms)
+        return value if axes is None else permute_tensor(value, axes, self.spec.groups, self.perms,
+                                                         blocks=self.spec.blocks)
 
     def __iter__(self):
         return iter(self.state)

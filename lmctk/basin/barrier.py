@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from lmctk.basin import renorm as rn
-from lmctk.basin.align import activation_matching, apply, weight_matching
+from lmctk.basin.activation import activation_matching
+from lmctk.basin.align import apply, weight_matching
 from lmctk.basin.path import (
     Renorm,
     State,

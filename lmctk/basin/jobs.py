@@ -14,10 +14,10 @@ from typing import Any
 
 from torch import nn
 
+from lmctk.basin.activation import activation_matching
 from lmctk.basin.align import (
     MatchResult,
     PermutedView,
-    activation_matching,
     apply,
     save_aligned,
     weight_matching,

@@ -8,14 +8,20 @@ An axis is described by a *layout*, a small tree:
 - `Cat(a, b, …)`: a concatenation, e.g. GPT-2's fused `c_attn` output q|k|v.
 With these, head blocks, fused and interleaved tensors and plain layers are one mechanism: the
 permuted index of an axis and the per-group slices used by weight matching are derived from the
-layout, never written by hand. Convention: `permute(B)[i] = B[perm[i]]` along every axis a group
+layout, never written by hand.
+A group may be *per block*: `blocks["qk.0"] = "heads.0"` makes `qk.0` one independent permutation per
+element of `heads.0` (block-diagonal; its perm is `[n_heads, d]`), so every head has its own q/k order.
+Its rows are indexed by the block's *output* position: `permuted[h, i] = B[heads[h], qk[h, i]]`.
+Convention: `permute(B)[i] = B[perm[i]]` along every axis a group
 acts on, so a perm returned by a maximising LAP on S[i, j] = <A_i, B_j> maps B onto A.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Union
 
 import torch
@@ -53,6 +59,7 @@ class Cat:
 Layout = Union[str, Fixed, Prod, Cat]
 Axes = tuple[Union[Layout, None], ...]
 Perms = dict[str, torch.Tensor]
+NO_BLOCKS: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclass
@@ -70,6 +77,7 @@ class PermutationSpec:
     tied: dict[str, str] = field(default_factory=dict)
     name: str = ""
     buffers: frozenset[str] = field(default=frozenset(), compare=False)  # permuted, never matched (running stats)
+    blocks: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for key, axes in self.axes.items():
@@ -77,6 +85,17 @@ class PermutationSpec:
                 for g in groups_in(layout) if layout is not None else ():
                     if g not in self.groups:
                         raise ConfigError(f"spec {self.name}: tensor {key} uses undefined group '{g}'")
+        for g, b in self.blocks.items():
+            if g not in self.groups or b not in self.groups or b in self.blocks:
+                raise ConfigError(f"spec {self.name}: per-block group {g} -> {b} needs two defined groups, one level deep")
+        for key, axes in self.axes.items():
+            for layout in axes:
+                if layout is not None and set(groups_in(layout)) & set(self.blocks):
+                    _, coords = coordinates(layout, self.groups)
+                    for g in set(coords) & set(self.blocks):
+                        b = self.blocks[g]
+                        if b not in coords or bool((coords[b][0][coords[g][0] >= 0] < 0).any()):
+                            raise ConfigError(f"spec {self.name}: tensor {key} places {g} outside a block of {self.blocks[g]}")
         for alias, key in self.tied.items():
             if key not in self.axes:
                 raise ConfigError(f"spec {self.name}: tied alias {alias} points to {key}, which has no axes")
@@ -156,64 +175,75 @@ def layout_size(layout: Layout, groups: Mapping[str, int]) -> int:
     return sum(sizes)
 
 
-def axis_index(layout: Layout, groups: Mapping[str, int], perms: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Source position of every output position: `permuted = x.index_select(axis, index)`.
+def coordinates(layout: Layout, groups: Mapping[str, int]) -> tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The axis size, and per group: its element at every position (-1 where absent) and its stride there.
 
-    Groups absent from `perms` stay in place.
+    A position is an affine function of its group elements (`pos = offset + Σ_g elem_g * stride_g`),
+    so moving a group's element by Δ moves the position by Δ * stride: permuting is one gather.
     """
     if isinstance(layout, str):
-        perm = perms.get(layout)
-        return perm.long().cpu() if perm is not None else torch.arange(groups[layout])
+        n = groups[layout]
+        return n, {layout: (torch.arange(n), torch.ones(n, dtype=torch.long))}
     if isinstance(layout, Fixed):
-        return torch.arange(layout.size)
-    parts = [axis_index(p, groups, perms) for p in layout.parts]
+        return layout.size, {}
+    parts = [coordinates(p, groups) for p in layout.parts]
+    names = {g for _, c in parts for g in c}
     if isinstance(layout, Cat):
-        out, offset = [], 0
-        for idx in parts:
-            out.append(idx + offset)
-            offset += idx.numel()
-        return torch.cat(out)
-    index = torch.zeros(1, dtype=torch.long)
-    for idx in parts:
-        index = (index[:, None] * idx.numel() + idx[None, :]).reshape(-1)
+        size = sum(n for n, _ in parts)
+        out = {}
+        for g in names:
+            filled = [c.get(g, (torch.full((n,), -1), torch.zeros(n, dtype=torch.long))) for n, c in parts]
+            out[g] = (torch.cat([e for e, _ in filled]), torch.cat([s for _, s in filled]))
+        return size, out
+    size = 1
+    for n, _ in parts:
+        size *= n
+    pos, stride, out = torch.arange(size), size, {}
+    for n, c in parts:
+        stride //= n
+        digit = (pos // stride) % n
+        for g, (elem, step) in c.items():
+            out[g] = (elem[digit], step[digit] * stride)
+    return size, out
+
+
+def axis_index(layout: Layout, groups: Mapping[str, int], perms: Mapping[str, torch.Tensor],
+               blocks: Mapping[str, str] = NO_BLOCKS) -> torch.Tensor:
+    """Source position of every output position: `permuted = x.index_select(axis, index)`.
+
+    Groups absent from `perms` stay in place; a per-block perm `[n_block, n]` uses the row of the
+    block element at each output position.
+    """
+    size, coords = coordinates(layout, groups)
+    index = torch.arange(size)
+    for g, (elem, stride) in coords.items():
+        perm = perms.get(g)
+        if perm is None:
+            continue
+        at = elem >= 0
+        perm = perm.long().cpu()
+        source = perm[coords[blocks[g]][0][at], elem[at]] if perm.ndim == 2 else perm[elem[at]]
+        index[at] += (source - elem[at]) * stride[at]
     return index
 
 
-def _coordinates(layout: Layout, groups: Mapping[str, int], group: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """For every position: the element of `group` it belongs to (-1 if none) and its position with
-    that element set to 0 (positions sharing this 'base' are the same slot of different elements)."""
-    if isinstance(layout, str):
-        n = groups[layout]
-        if layout == group:
-            return torch.arange(n), torch.zeros(n, dtype=torch.long)
-        return torch.full((n,), -1), torch.arange(n)
-    if isinstance(layout, Fixed):
-        return torch.full((layout.size,), -1), torch.arange(layout.size)
-    parts = [_coordinates(p, groups, group) for p in layout.parts]
-    if isinstance(layout, Cat):
-        elems, bases, offset = [], [], 0
-        for elem, base in parts:
-            elems.append(elem)
-            bases.append(base + offset)
-            offset += elem.numel()
-        return torch.cat(elems), torch.cat(bases)
-    elem = torch.full((1,), -1)
-    base = torch.zeros(1, dtype=torch.long)
-    for e, b in parts:
-        n = e.numel()
-        elem = torch.maximum(elem[:, None], e[None, :]).reshape(-1)  # a group occurs once per path
-        base = (base[:, None] * n + b[None, :]).reshape(-1)
-    return elem, base
-
-
-def group_slices(layout: Layout, groups: Mapping[str, int], group: str) -> torch.Tensor:
+def group_slices(layout: Layout, groups: Mapping[str, int], group: str, blocks: Mapping[str, str] = NO_BLOCKS
+                 ) -> torch.Tensor:
     """Positions of each element of `group` on this axis: LongTensor [n_group, slots].
 
     Row i lists element i's positions in a fixed slot order shared by all rows, so
-    `x.index_select(axis, s.reshape(-1))` viewed as [n_group, slots] lines elements up.
+    `x.index_select(axis, s.reshape(-1))` viewed as [n_group, slots] lines elements up. A per-block
+    group has `n_block * n_group` rows, block-major (row e * n + i: element i of block e).
     """
-    elem, base = _coordinates(layout, groups, group)
+    size, coords = coordinates(layout, groups)
+    elem, stride = coords[group]
+    base = torch.arange(size) - elem * stride
     n = groups[group]
+    if group in blocks:
+        b_elem, b_stride = coords[blocks[group]]
+        base = base - b_elem * b_stride
+        elem = torch.where(elem >= 0, b_elem * n + elem, -1)
+        n *= groups[blocks[group]]
     pos = torch.nonzero(elem >= 0).squeeze(1)
     order = torch.argsort(base[pos] * n + elem[pos])
     return pos[order].reshape(-1, n).T.contiguous()
@@ -226,7 +256,7 @@ def is_identity(index: torch.Tensor) -> bool:
 
 def permute_tensor(
     tensor: torch.Tensor, axes: Axes, groups: Mapping[str, int], perms: Mapping[str, torch.Tensor],
-    cache: dict | None = None,
+    cache: dict | None = None, blocks: Mapping[str, str] = NO_BLOCKS,
 ) -> torch.Tensor:
     """`tensor` with each permuted axis re-ordered by `perms` (absent groups stay in place).
 
@@ -237,7 +267,7 @@ def permute_tensor(
         if layout is None:
             continue
         if cache is None or layout not in cache:
-            index = axis_index(layout, groups, perms)
+            index = axis_index(layout, groups, perms, blocks)
             index = None if is_identity(index) else index
             if cache is not None:
                 cache[layout] = index
@@ -254,25 +284,46 @@ def permute_state(state: Mapping[str, torch.Tensor], spec: PermutationSpec, perm
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         axes = spec.layout_of(key)
-        out[key] = value if axes is None else permute_tensor(value, axes, spec.groups, perms, cache)
+        out[key] = value if axes is None else permute_tensor(value, axes, spec.groups, perms, cache, spec.blocks)
     return out
 
 
 def random_perms(spec: PermutationSpec, generator: torch.Generator | None = None, *, moving: bool = False) -> Perms:
-    """One uniformly random permutation per group; `moving=True` never returns the identity for n >= 2."""
+    """One uniformly random permutation per group (per block for per-block groups, drawn independently);
+    `moving=True` never returns the identity for n >= 2."""
     out = {}
     for g, n in spec.groups.items():
-        perm = torch.randperm(n, generator=generator)
-        if moving and n >= 2 and torch.equal(perm, torch.arange(n)):
-            perm = torch.roll(perm, 1)
-        out[g] = perm
+        rows = []
+        for _ in range(spec.groups[spec.blocks[g]] if g in spec.blocks else 1):
+            perm = torch.randperm(n, generator=generator)
+            if moving and n >= 2 and torch.equal(perm, torch.arange(n)):
+                perm = torch.roll(perm, 1)
+            rows.append(perm)
+        out[g] = torch.stack(rows) if g in spec.blocks else rows[0]
     return out
 
 
 def identity_perms(spec: PermutationSpec) -> Perms:
-    return {g: torch.arange(n) for g, n in spec.groups.items()}
+    return {g: torch.arange(n).repeat(spec.groups[spec.blocks[g]], 1) if g in spec.blocks else torch.arange(n)
+            for g, n in spec.groups.items()}
 
 
-def invert(perms: Perms) -> Perms:
-    """Inverse permutations: permuting by `perms` then by `invert(perms)` is the identity."""
-    return {g: torch.argsort(p) for g, p in perms.items()}
+def invert(perms: Perms, spec: PermutationSpec | None = None) -> Perms:
+    """Inverse permutations: permuting by `perms` then by `invert(perms, spec)` is the identity.
+
+    Per-block perms are re-indexed by the block's new order, so they need the spec that declares them.
+    """
+    blocks = spec.blocks if spec is not None else {}
+    out = {}
+    for g, p in perms.items():
+        if p.ndim == 2 and g not in blocks:
+            raise ConfigError(f"invert: {g} holds per-block perms; pass the spec that declares its block")
+        if p.ndim == 2 and blocks[g] in perms:
+            p = p[torch.argsort(perms[blocks[g]])]
+        out[g] = torch.argsort(p, dim=-1)
+    return out
+
+
+def shared_within(spec: PermutationSpec) -> PermutationSpec:
+    """`spec` with every per-block group shared by all blocks (the coarser symmetry of older specs)."""
+    return dataclasses.replace(spec, blocks={})

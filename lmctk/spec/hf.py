@@ -2,12 +2,14 @@
 
 One residual-stream group `res` runs through every block (embeddings, norms, projections, LM head).
 Each layer i adds its own groups, written once as a per-layer template (mergekit's `${layer_index}`):
-- `heads.{i}` whole heads, `qk.{i}` within-head dims shared by q and k (their dot product),
+- `heads.{i}` whole heads, `qk.{i}` within-head dims of q and k (their dot product),
   `v.{i}` within-head dims of v flowing into the output projection, `mlp.{i}` hidden units;
+  `qk.{i}` and `v.{i}` are per head (`spec.blocks`): every head has its own order;
 - RoPE rotates fixed (dim, dim + rot/2) pairs, so rotated q/k dims stay `Fixed` (GPT-NeoX's partial
   rotary leaves the pass-through dims in `qk.{i}`);
 - GQA (Llama family): `kv.{i}` permutes KV heads together with their query heads, `qh.{i}` the query
-  heads inside each KV group (they read the same k/v: `repeat_kv` puts query head kv*rep + r on kv).
+  heads inside each KV group (they read the same k/v: `repeat_kv` puts query head kv*rep + r on kv);
+  `qh.{i}` and `v.{i}` are per KV head (the query heads of a group read the same v dims).
 A template lists every tensor a family may have (biases and task heads are present or not); any tensor
 of the model the template does not name is an error, never a silent identity. Tied storage (found by
 parameter identity) is one `axes` entry plus `tied` aliases.
@@ -25,7 +27,7 @@ from lmctk.spec.registry import register
 
 RES = "res"
 Entries = dict[str, Axes]  # tensor key -> layout per axis; all-None axes: declared unpermuted
-Layer = tuple[dict[str, int], Entries]  # one layer's groups and tensors
+Layer = tuple[dict[str, int], Entries, dict[str, str]]  # one layer's groups, tensors and per-block groups
 
 
 def _linear(name: str, out: Layout | None, inp: Layout | None) -> Entries:
@@ -63,9 +65,11 @@ def _assemble(model: nn.Module, name: str, width: int, body: Entries, layers: It
     """
     prefix = f"{model.base_model_prefix}." if getattr(model, "base_model", model) is not model else ""
     groups: dict[str, int] = {RES: width}
+    blocks: dict[str, str] = {}
     declared = {prefix + k: axes for k, axes in body.items()}
-    for layer_groups, entries in layers:
+    for layer_groups, entries, layer_blocks in layers:
         groups.update(layer_groups)
+        blocks.update(layer_blocks)
         declared.update({prefix + k: axes for k, axes in entries.items()})
     declared.update(heads)
     state = model.state_dict()
@@ -85,7 +89,7 @@ def _assemble(model: nn.Module, name: str, width: int, body: Entries, layers: It
             for alias in keys[1:]:
                 tied[alias] = keys[0]
                 axes.pop(alias, None)
-    spec = PermutationSpec(groups, axes, tied, name=name)
+    spec = PermutationSpec(groups, axes, tied, name=name, blocks=blocks)
     spec.validate({k: v.shape for k, v in state.items()})
     return spec
 
@@ -124,7 +128,7 @@ def gpt2(model: nn.Module) -> PermutationSpec:
             **_norm(p + "ln_2"),
             **_conv1d(p + "mlp.c_fc", mlp, RES),
             **_conv1d(p + "mlp.c_proj", RES, mlp),
-        }
+        }, {qk: h, v: h}
 
     body = {**_embedding("wte"), **_embedding("wpe"), **_norm("ln_f")}
     return _assemble(model, "gpt2", c.n_embd, body, map(layer, range(c.n_layer)), _DECODER_HEADS)
@@ -151,7 +155,7 @@ def gpt_neox(model: nn.Module) -> PermutationSpec:
             **_linear(p + "attention.dense", RES, Prod(h, v)),
             **_linear(p + "mlp.dense_h_to_4h", mlp, RES),
             **_linear(p + "mlp.dense_4h_to_h", RES, mlp),
-        }
+        }, {g: h for g in groups if g in (qk, v)}
 
     body = {**_embedding("embed_in"), **_norm("final_layer_norm"), **_ROTARY}
     heads_ = {**_DECODER_HEADS, **_linear("embed_out", None, RES)}
@@ -179,7 +183,7 @@ def llama(model: nn.Module) -> PermutationSpec:
             **_linear(p + "mlp.gate_proj", mlp, RES),
             **_linear(p + "mlp.up_proj", mlp, RES),
             **_linear(p + "mlp.down_proj", RES, mlp),
-        }
+        }, {qh: kv, v: kv}
 
     body = {**_embedding("embed_tokens"), **_norm("norm"), **_ROTARY}
     return _assemble(model, c.model_type, c.hidden_size, body, map(layer, range(c.num_hidden_layers)), _DECODER_HEADS)
@@ -204,7 +208,7 @@ def bert(model: nn.Module) -> PermutationSpec:
             **_linear(p + "intermediate.dense", mlp, RES),
             **_linear(p + "output.dense", RES, mlp),
             **_norm(p + "output.LayerNorm"),
-        }
+        }, {qk: h, v: h}
 
     body = {
         **_embedding("embeddings.word_embeddings"),
