@@ -3,7 +3,7 @@
 `detect_phases` fits an expected-KL curve with continuous piecewise-linear functions of
 log10(step + 1) with 0–3 knots on checkpoint steps (`best_knots`: the exact least-squares optimum
 for every number of knots), picks the number of knots by BIC with knot positions counted as
-parameters, and only then names the segments after the four phases of Fehlauer et al. (initial
+parameters (and one more per knot for the search over positions, so noise gets no phases), and only then names the segments after the four phases of Fehlauer et al. (initial
 uniform, sharp convergence, sharp divergence, slow reconvergence). Names never steer the fit, so a
 curve without phases is reported as such instead of being bent into them.
 `seed_regimes` labels each seed chaotic / transition / stable from its fingerprint curve.
@@ -25,6 +25,7 @@ SLOPE_SIGNS = (0, -1, 1, -1)  # sign of d(KL)/d(log step) in each phase; 0 = fla
 TRENDS = {0: "flat", -1: "falling", 1: "rising"}  # names of segments that are not phases
 VERDICTS = ("phases", "no phase structure", "other structure", "undefined")
 MAX_KNOTS = 3
+KNOT_PARAMS = 3
 MIN_CHANGE_SIGMAS = 2.0  # a segment moving the fit by less than this many noise SDs is flat
 FLAT_FRACTION = 0.1  # the first segment is also flat if it moves the fit by at most this share of its range
 LEVEL = 0.95  # posterior mass of each boundary's interval
@@ -270,8 +271,8 @@ def _shape(x: np.ndarray, y: np.ndarray, knots: tuple[int, ...]) -> dict[str, An
 def detect_phases(steps: Sequence[int], values: Sequence[float]) -> PhaseFit:
     """Segment a KL-over-steps curve into the convergence phases it shows, or say it shows none.
 
-    The number of knots (0–3, on checkpoint steps) is chosen by BIC with 2 + 2m parameters, ties
-    going to fewer, among fits whose segments read in the phases' order; a fit out of that order
+    The number of knots (0–3, on checkpoint steps) is chosen by BIC with 2 + KNOT_PARAMS·m
+    parameters, ties going to fewer, among fits whose segments read in the phases' order; a fit out of that order
     wins only if BIC favours it by more than DECISIVE ("other structure").
     """
     if len(steps) != len(values):
@@ -289,7 +290,7 @@ def detect_phases(steps: Sequence[int], values: Sequence[float]) -> PhaseFit:
     sst = float(np.square(y - y.mean()).sum())
     floor = 1e-12 * max(sst, 1e-300)
     fits = [chain.best(m) for m in range(MAX_KNOTS + 1) if n - (2 + 2 * m) >= 1]
-    bics = np.array([n * math.log(max(sse * scale, floor) / n) + (2 + 2 * m) * math.log(n)
+    bics = np.array([n * math.log(max(sse * scale, floor) / n) + (2 + KNOT_PARAMS * m) * math.log(n)
                      for m, (sse, _) in enumerate(fits)])
     shapes = [_shape(x, y, knots) for _, knots in fits]
     m = min((k for k in range(len(fits)) if k == 0 or shapes[k]["found"] is not None), key=lambda k: (bics[k], k))
