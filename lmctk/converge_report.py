@@ -79,8 +79,8 @@ def render(result: ConvergeResult):
             lt.add_row(name, _f(last.fingerprint_raw[i]), _f(last.fingerprint_centred[i]), _f(last.cka[i]))
         parts.append(lt)
     ph = result.phases
-    pt = Table(title=f"phases of the KL curve (fit R² {_f(ph.r2, '.3f')}, "
-                     f"confidence in this set of phases {_f(ph.model_confidence, '.2f')})")
+    pt = Table(title=f"phases of the KL curve: {ph.verdict} (fit R² {_f(ph.r2, '.3f')}, "
+                     f"confidence in this number of segments {_f(ph.model_confidence, '.2f')})")
     for col in ("phase", "from step", "to step", "KL slope / decade"):
         pt.add_column(col, justify="left" if col == "phase" else "right")
     for p in ph.phases:
@@ -90,10 +90,10 @@ def render(result: ConvergeResult):
     parts.append(pt)
     if ph.boundaries:
         bt = Table(title="phase boundaries")
-        for col in ("boundary", "step", "confidence (±1 checkpoint)"):
+        for col in ("boundary", "step", "interval (steps)", "confidence"):
             bt.add_column(col, justify="left" if col == "boundary" else "right")
         for b in ph.boundaries:
-            bt.add_row(f"{b.before} → {b.after}", str(b.step), _f(b.confidence, ".2f"))
+            bt.add_row(f"{b.before} → {b.after}", str(b.step), f"{b.low}–{b.high}", _f(b.confidence, ".2f"))
         parts.append(bt)
     if result.regimes is not None:
         rg = result.regimes
