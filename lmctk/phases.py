@@ -3,7 +3,7 @@
 `detect_phases` fits an expected-KL curve with continuous piecewise-linear functions of
 log10(step + 1) with 0–3 knots on checkpoint steps (`best_knots`: the exact least-squares optimum
 for every number of knots), picks the number of knots by BIC with knot positions counted as
-parameters (and one more per knot for the search over positions, so noise gets no phases), and only then names the segments after the four phases of Fehlauer et al. (initial
+parameters, and only then names the segments after the four phases of Fehlauer et al. (initial
 uniform, sharp convergence, sharp divergence, slow reconvergence). Names never steer the fit, so a
 curve without phases is reported as such instead of being bent into them.
 `seed_regimes` labels each seed chaotic / transition / stable from its fingerprint curve.
@@ -25,7 +25,7 @@ SLOPE_SIGNS = (0, -1, 1, -1)  # sign of d(KL)/d(log step) in each phase; 0 = fla
 TRENDS = {0: "flat", -1: "falling", 1: "rising"}  # names of segments that are not phases
 VERDICTS = ("phases", "no phase structure", "other structure", "undefined")
 MAX_KNOTS = 3
-KNOT_PARAMS = 3
+KNOT_PARAMS = 3  # BIC parameters per knot: slope change, position, and one for the search over positions
 MIN_CHANGE_SIGMAS = 2.0  # a segment moving the fit by less than this many noise SDs is flat
 FLAT_FRACTION = 0.1  # the first segment is also flat if it moves the fit by at most this share of its range
 LEVEL = 0.95  # posterior mass of each boundary's interval
@@ -137,7 +137,6 @@ class _Chain:
             inner = _segment(prefix, x, a, a + 1, b)  # segments (a, b]
             self.left = _push(tuple(m[:, None] for m in first), inner)  # [k1, k2]: on v_k2, knot k1
             self.right = _push(tuple(m[None, :] for m in last), _flip(inner))  # [k2, k3]: on v_k2, knot k3
-            self.first, self.last = first, last
             valid = (a >= 1) & (a < b) & (b <= n - 2)
             self.sse1 = np.where((i >= 1) & (i <= n - 2), _join(first, last), np.inf)
             self.sse2 = np.where(valid, _join(self.left, tuple(m[None, :] for m in last)), np.inf)
@@ -171,7 +170,8 @@ class _Chain:
         return best, knots
 
     def posteriors(self, m: int, best: float, sigma2: float) -> list[np.ndarray]:
-        """Each knot's posterior over point indices: Σ exp(−(SSE − best)/2σ²) over the other knots, normalised."""
+        """Each knot's posterior over point indices: Σ exp(−(SSE − best)/2σ²) over the other knots,
+        normalised (m = 3 after `best(3)`, whose per-slice minima skip negligible slices)."""
         def like(sse: np.ndarray) -> np.ndarray:
             return np.exp(-(sse - best) / (2 * sigma2))
 
@@ -279,6 +279,8 @@ def detect_phases(steps: Sequence[int], values: Sequence[float]) -> PhaseFit:
         raise ConfigError(f"phases: {len(steps)} steps but {len(values)} values")
     order = sorted(range(len(steps)), key=lambda i: steps[i])
     steps = [int(steps[i]) for i in order]
+    if steps and steps[0] < 0:
+        raise ConfigError(f"phases: step {steps[0]} is negative; give checkpoint steps from 0")
     if len(set(steps)) < len(steps):
         raise ConfigError("phases: a step appears twice; give one value per checkpoint step")
     y = np.array([float(values[i]) for i in order], dtype=np.float64)

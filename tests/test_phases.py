@@ -138,3 +138,13 @@ def test_bad_input_raises_one_line_errors():
         detect_phases([0, 1, 2], [0.0, 1.0])
     with pytest.raises(ConfigError, match="increasing"):
         best_knots([0.0, 2.0, 1.0, 3.0, 4.0], [0.0] * 5)
+
+
+def test_segments_out_of_phase_order_are_other_structure():
+    base = _curve(PER_DECADE, [10, 22], [0.2, 1.5, 0.4, 1.6])  # rises, falls, rises: no phase order
+    fit = detect_phases(PER_DECADE, base + 0.02 * np.random.default_rng(7).normal(size=len(base)))
+    assert fit.verdict == "other structure" and fit.missing == list(PHASES)
+    assert [p["name"] for p in fit.phases] == ["rising", "falling", "rising"]
+    assert [(b.before, b.after, b.step) for b in fit.boundaries] == [
+        ("rising", "falling", PER_DECADE[10]), ("falling", "rising", PER_DECADE[22])]
+    assert fit.to_dict()["verdict"] == "other structure" and {"low", "high"} <= set(fit.to_dict()["boundaries"][0])
