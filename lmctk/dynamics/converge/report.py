@@ -78,8 +78,8 @@ def _layer_table(result: ConvergeResult) -> Table:
 
 def _phase_tables(result: ConvergeResult) -> list[Table]:
     ph = result.phases
-    pt = _table(f"phases of the KL curve (fit R² {_f(ph.r2, '.3f')}, "
-                f"confidence in this set of phases {_f(ph.model_confidence, '.2f')})",
+    pt = _table(f"phases of the KL curve: {ph.verdict} (fit R² {_f(ph.r2, '.3f')}, "
+                f"confidence in this number of segments {_f(ph.model_confidence, '.2f')})",
                 ["phase", "from step", "to step", "KL slope / decade"], ("phase",))
     for p in ph.phases:
         pt.add_row(p["name"], str(p["start"]), str(p["end"]), _f(p["slope"]))
@@ -87,9 +87,9 @@ def _phase_tables(result: ConvergeResult) -> list[Table]:
         pt.add_row(name, "—", "—", "not seen")
     if not ph.boundaries:
         return [pt]
-    bt = _table("phase boundaries", ["boundary", "step", "confidence (±1 checkpoint)"], ("boundary",))
+    bt = _table("phase boundaries", ["boundary", "step", "interval (steps)", "confidence"], ("boundary",))
     for b in ph.boundaries:
-        bt.add_row(f"{b.before} → {b.after}", str(b.step), _f(b.confidence, ".2f"))
+        bt.add_row(f"{b.before} → {b.after}", str(b.step), f"{b.low}–{b.high}", _f(b.confidence, ".2f"))
     return [pt, bt]
 
 
