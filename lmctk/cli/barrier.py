@@ -90,5 +90,7 @@ def barrier(
                     panels["accuracy"][tag + label] = curve.accuracy
         line_plot(plot, results[0].alphas, panels, xlabel="α", overwrite=overwrite,
                   title=f"interpolation ({split} split, renorm={renorm})")
+    if any(v["connected"] is None for v in verdicts):  # undefined: the loss is not finite on a path
+        raise typer.Exit(2)
     if not all(v["connected"] for v in verdicts):
         raise typer.Exit(3)

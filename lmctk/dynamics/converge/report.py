@@ -48,7 +48,7 @@ def render(result: ConvergeResult):
         parts.append(Text(f"  {run} lacks steps {', '.join(map(str, steps))} (not analysed)", style="yellow"))
     t = Table(title="per step on the test split (KL: expected per-token KL over ordered seed pairs, nats; "
                     "± SE over contexts)")
-    for col in ("step", "KL", "± SE", "loss mean", "loss CV", "fingerprint", "centred", "CKA", "phase"):
+    for col in ("step", "KL", "± SE", "loss mean", "loss CV (ddof=1)", "fingerprint", "centred", "CKA", "phase"):
         t.add_column(col, justify="left" if col == "phase" else "right")
     for s in result.per_step:
         t.add_row(str(s.step), _f(s.kl, ".4g"), _f(s.kl_se, ".2g"), _f(s.loss["mean"], ".3f"), _f(s.loss["cv"], ".3f"),
