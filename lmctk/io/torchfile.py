@@ -49,7 +49,7 @@ def load_torch_state(file: Path, *, mmap: bool = False) -> tuple[dict[str, torch
 def _is_pickle(file: Path) -> bool:
     """A torch zip archive or a legacy pickle (starts with the PROTO opcode)."""
     with open(file, "rb") as f:
-        return zipfile.is_zipfile(f) or f.read(1) == b"\x80"
+        return f.read(1) == b"\x80" or zipfile.is_zipfile(f)
 
 
 def _is_state(obj: object) -> bool:
