@@ -72,6 +72,15 @@ class NonFiniteError(LmctkError):
         )
 
 
+class OutputWriteError(LmctkError, OSError):
+    """Writing an output failed (no space, read-only file system, a file where a dir must be)."""
+
+    def __init__(self, path: object, exc: OSError) -> None:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        super().__init__(f"{path}: cannot write the output ({reason}); free space or choose a writable --out")
+        self.errno = exc.errno
+
+
 class OutputExistsError(LmctkError, FileExistsError):
     """An output path already exists and overwriting was not asked for."""
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lmctk.errors import ConfigError, KeyMismatchError
-from lmctk.io import load_state, resolve_checkpoint
+from lmctk.io import inspect_checkpoint, load_state, resolve_checkpoint
 from lmctk.models import build_model
 from lmctk.models.hf import model_from_config
 from lmctk.rundir import RunDir
@@ -53,7 +53,40 @@ def model_config_of(path: str | Path) -> Any:
     config = resolve_checkpoint(path) / "config.json"
     if not config.is_file():
         raise ConfigError(f"{path}: no config.json and not an lmctk run dir; cannot tell its architecture")
-    return json.loads(config.read_text())
+    return read_hf_config(config)
+
+
+_SIZE_FIELDS = ("vocab_size", "hidden_size", "n_embd", "d_model", "num_hidden_layers", "n_layer",
+                "num_attention_heads", "n_head", "intermediate_size", "max_position_embeddings", "n_positions")
+
+
+def read_hf_config(file: Path) -> dict[str, Any]:
+    """An HF `config.json` as a dict, checked: JSON object, a `model_type` transformers knows, positive
+    integer sizes, and no more parameters than its checkpoint holds (an absurd size would hang the build)."""
+    import transformers
+
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError):
+        raise ConfigError(f"{file}: not valid UTF-8 JSON; fix or re-download the model's config.json") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{file}: not a JSON object; fix or re-download the model's config.json")
+    kind = config.get("model_type")
+    if kind not in transformers.CONFIG_MAPPING:
+        raise ConfigError(f"{file}: model_type {kind!r} is not one transformers {transformers.__version__} knows "
+                          "(e.g. gpt2, llama, bert); fix config.json or upgrade transformers")
+    for key in _SIZE_FIELDS:
+        value = config.get(key)
+        if key in config and value is not None and not (type(value) is int and value > 0):
+            raise ConfigError(f"{file}: {key}={value!r} must be a positive integer; fix config.json")
+    width = next((config[k] for k in ("hidden_size", "n_embd", "d_model") if config.get(k)), 1)
+    depth = next((config[k] for k in ("num_hidden_layers", "n_layer") if config.get(k)), 1)
+    least = (config.get("vocab_size") or 0) * width + depth * width * width  # embeddings + one matrix per layer
+    held = inspect_checkpoint(file.parent).num_params
+    if least > 2 * held:
+        raise ConfigError(f"{file}: its sizes describe a model of at least {least:,} parameters but the checkpoint "
+                          f"holds {held:,}; fix config.json")
+    return config
 
 
 def checkpoint_skeleton(path: str | Path, task: Task | None = None) -> nn.Module:
@@ -75,7 +108,11 @@ def checkpoint_skeleton(path: str | Path, task: Task | None = None) -> nn.Module
         )
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(config_file.parent, local_files_only=True)
+    raw = read_hf_config(config_file)
+    try:
+        config = transformers.CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ConfigError(f"{config_file}: transformers rejects it ({str(exc).splitlines()[0][:160]}); fix config.json") from None
     config._attn_implementation = "eager"
     return model_from_config(config, task.kind if task is not None and task.kind != "classification" else None)
 

@@ -27,6 +27,7 @@ __all__ = [
     "mean_over_pairs",
     "pair_matrix",
     "pairwise_kl",
+    "kl_terms",
     "stratified_means",
     "surprisal_bins",
 ]
@@ -121,6 +122,8 @@ def pairwise_kl(logp: torch.Tensor) -> torch.Tensor:
     """KL(p_i ‖ p_j) per token for every ordered seed pair: logp [K, N, V] -> [K, K, N] (fp32).
 
     Each pair is Σ_v p_i (log p_i − log p_j) computed directly, so identical seeds give exactly 0.
+    Masked vocab ids (log-prob −inf) follow 0·log 0 = 0: a term with p_i = 0 is 0, and one with
+    p_i > 0 and p_j = 0 is +inf (never NaN).
     """
     if logp.dim() != 3:
         raise ConfigError(f"pairwise_kl expects log-probs [seeds, tokens, vocab], got shape {tuple(logp.shape)}")
@@ -131,8 +134,13 @@ def pairwise_kl(logp: torch.Tensor) -> torch.Tensor:
     for i in range(k):
         for j in range(k):
             if i != j:
-                out[i, j] = (p[i] * (logp[i] - logp[j])).sum(-1)
+                out[i, j] = kl_terms(p[i], logp[i], logp[j]).sum(-1)
     return out
+
+
+def kl_terms(p: torch.Tensor, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """p (log p − log q) per entry with 0·log 0 = 0: 0 where p = 0, +inf where p > 0 and q = 0."""
+    return torch.where(p > 0, p * (logp - logq), torch.zeros((), dtype=p.dtype, device=p.device))
 
 
 def expected_kl(logp: torch.Tensor, pairs: torch.Tensor | None = None) -> torch.Tensor:
@@ -245,10 +253,13 @@ def pair_matrix(items: list[torch.Tensor], fn) -> torch.Tensor:
 
 
 def loss_spread(losses: torch.Tensor) -> dict[str, float]:
-    """Mean, sample std (ddof=1) and coefficient of variation (std/mean) of per-seed losses."""
+    """Mean, sample std (ddof=1) and coefficient of variation (std/mean) of per-seed losses.
+
+    With one seed the sample std (and so the CV) is undefined: NaN, not 0.
+    """
     x = losses.double().reshape(-1)
     mean = float(x.mean())
-    std = float(x.std(correction=1)) if x.numel() > 1 else 0.0
+    std = float(x.std(correction=1)) if x.numel() > 1 else math.nan
     return {"mean": mean, "std": std, "cv": std / mean if mean != 0 else math.nan}
 
 
@@ -267,7 +278,7 @@ def ensemble_diversity(logp: torch.Tensor, targets: torch.Tensor | None = None) 
         for subset in subsets:
             members = logp[list(subset)]
             mix = torch.logsumexp(members, 0) - math.log(k)
-            jsd += float((members.exp() * (members - mix)).sum(-1).mean())
+            jsd += float(kl_terms(members.exp(), members, mix).sum(-1).mean())
             if targets is not None:
                 nll += float(-mix.gather(-1, targets.reshape(-1, 1)).mean())
         row = {"seeds": k, "jsd": jsd / len(subsets)}

@@ -13,10 +13,10 @@ import os
 import tomllib
 import types
 import typing
-from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
-from lmctk.errors import ConfigError, MissingPathError
+from lmctk.errors import ConfigError
+from lmctk.io.paths import input_path
 
 T = TypeVar("T")
 
@@ -29,13 +29,15 @@ def load_recipe(
     `overrides` are `key.path=value` strings (values in TOML syntax, bare words as strings) set
     before parsing, so a mistyped key is the same error as in the file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MissingPathError(path, "recipe file")
+    path = input_path(path, "recipe file")
+    if path.is_dir():
+        raise ConfigError(f"{path}: recipe file is a dir; give a .toml file")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the recipe as UTF-8") from None
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc or 'nested too deeply'})") from None
     if section is not None:
         if section not in data:
             raise ConfigError(f"{path}: no [{section}] table; a {schema.__name__} recipe starts with [{section}]")

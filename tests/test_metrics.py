@@ -210,3 +210,29 @@ def test_cka_invariances_hold_for_random_shapes(n, d, seed, scale):
     moved = metrics.linear_cka(scale * x @ _orthogonal(d, seed + 1), y @ _orthogonal(d + 2, seed + 2))
     assert moved == pytest.approx(base, rel=1e-7, abs=1e-9)
     assert metrics.linear_cka(x, scale * x) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_nan_anywhere_on_a_path_makes_the_barrier_undefined():
+    import math
+
+    from lmctk.basin.barrier import barriers
+
+    assert all(math.isnan(v) for v in barriers([0, 0.5, 1], [1, float("nan"), 1]).values())
+    assert all(math.isnan(v) for v in barriers([0, 0.5, 1], [1, 0.5, float("inf")]).values())
+
+
+def test_kl_with_masked_vocab_is_finite_or_inf_never_nan():
+    from lmctk.metrics import pairwise_kl
+
+    logp = torch.tensor([[[0.0, float("-inf")]], [[0.0, float("-inf")]], [[float("-inf"), 0.0]]])
+    kl = pairwise_kl(logp)
+    assert not kl.isnan().any()
+    assert kl[0, 1].item() == 0.0 and kl[0, 2].item() == float("inf")
+
+
+def test_one_seed_loss_std_is_nan():
+    import math
+
+    from lmctk.metrics import loss_spread
+
+    assert math.isnan(loss_spread(torch.tensor([1.0]))["std"])

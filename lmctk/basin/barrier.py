@@ -7,6 +7,7 @@ Git Re-Basin): B_lin = max_α [L(θα) − ((1−α)L_A + αL_B)].
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -42,14 +43,22 @@ def barriers(alphas: Sequence[float], values: Sequence[float]) -> dict[str, floa
 
     mean_endpoint = max_α v(α) − ½(v_0 + v_1) (Frankle et al.);
     linear = max_α [v(α) − ((1−α)v_0 + αv_1)] (Entezari et al., Git Re-Basin).
+    Both are NaN (undefined) when any value on the curve is NaN or ±Inf.
     """
     if len(alphas) != len(values) or len(alphas) < 2 or alphas[0] != 0.0 or alphas[-1] != 1.0:
         raise ConfigError("barriers need a curve over an α grid from 0 to 1 with one value per α")
+    if nonfinite_alpha(alphas, values) is not None:
+        return {"mean_endpoint": math.nan, "linear": math.nan}
     v0, v1 = values[0], values[-1]
     return {
         "mean_endpoint": max(values) - 0.5 * (v0 + v1),
         "linear": max(v - ((1 - a) * v0 + a * v1) for a, v in zip(alphas, values)),
     }
+
+
+def nonfinite_alpha(alphas: Sequence[float], values: Sequence[float]) -> float | None:
+    """The first α whose value is NaN or ±Inf, else None."""
+    return next((a for a, v in zip(alphas, values) if not math.isfinite(v)), None)
 
 
 @dataclass
@@ -101,10 +110,13 @@ class BarrierResult:
             raise ConfigError(f"definition: unknown {definition!r}; choose one of {', '.join(DEFINITIONS)}")
         return self.best.barriers(self.alphas)["loss"][definition]
 
-    def verdict(self, threshold: float = 0.05, definition: str = "mean_endpoint") -> tuple[bool, str]:
-        """(connected, one line): the loss barrier against `threshold`."""
+    def verdict(self, threshold: float = 0.05, definition: str = "mean_endpoint") -> tuple[bool | None, str]:
+        """(connected, one line): the loss barrier against `threshold`; None when the loss is not finite."""
         value = self.loss_barrier(definition)
         path = "aligned" if self.aligned else "raw"
+        bad = nonfinite_alpha(self.alphas, self.best.loss)
+        if bad is not None:
+            return None, f"undefined: the {path} loss is not finite at α={bad:.3g}, so there is no barrier"
         what = f"{path} {definition.replace('_', '-')} loss barrier {value:.4g}"
         if value <= threshold:
             return True, f"linearly connected: {what} <= {threshold:g}"

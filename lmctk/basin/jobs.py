@@ -143,6 +143,11 @@ class BarrierReport:
             self.verdicts.append({"a": r.names[0], "b": r.names[1], "connected": connected, "message": line})
 
     @property
+    def undefined(self) -> bool:
+        """Whether some pair has no verdict: its loss is not finite somewhere on the path (CLI exit 2)."""
+        return any(v["connected"] is None for v in self.verdicts)
+
+    @property
     def connected(self) -> bool:
         """Whether every pair is linearly connected (the CLI exits 3 otherwise)."""
         return all(v["connected"] for v in self.verdicts)
@@ -163,7 +168,8 @@ class BarrierReport:
             parts.append(terminal_curve(r.alphas, series, title="loss along α", xlabel="α"))
         for v in self.verdicts:
             prefix = "" if self.matrix is None else f"{v['a']} ↔ {v['b']}: "
-            parts.append(Text(prefix + v["message"], style="green" if v["connected"] else "red"))
+            style = "yellow" if v["connected"] is None else "green" if v["connected"] else "red"
+            parts.append(Text(prefix + v["message"], style=style))
         return Group(*parts)
 
     def plot(self, path: str | Path, *, overwrite: bool = False) -> Path:

@@ -14,6 +14,7 @@ from typing import Any
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from lmctk import __version__
 from lmctk.errors import ConfigError, LmctkError
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     except LmctkError as e:
         if _debug or "--debug" in args:
             raise
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return e.exit_code
     except click.exceptions.Exit as e:
         return e.exit_code

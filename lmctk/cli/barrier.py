@@ -44,5 +44,7 @@ def barrier(
         write_json(json_out, report.to_dict(), overwrite)
     if plot:
         report.plot(plot, overwrite=overwrite)
+    if report.undefined:  # the loss is not finite somewhere on a path: no verdict
+        raise typer.Exit(2)
     if not report.connected:
         raise typer.Exit(3)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lmctk.errors import OutputExistsError
+from lmctk.errors import LmctkError, OutputExistsError, OutputWriteError
 
 
 def fsync_path(path: Path) -> None:
@@ -32,19 +32,32 @@ def staged(target: str | os.PathLike, *, overwrite: bool) -> Iterator[Path]:
     """Yield a fresh temp path beside `target` to write into; on success rename it to `target`.
 
     Raises OutputExistsError up front (target untouched) if `target` exists and not `overwrite`.
-    On any error the temp output is removed and `target` is left as it was.
+    On any error the temp output is removed and `target` is left as it was; an OSError becomes
+    OutputWriteError.
     """
     target = Path(target)
     if os.path.lexists(target) and not overwrite:
         raise OutputExistsError(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _beside(target, "tmp")
+    with writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _beside(target, "tmp")
+        try:
+            yield tmp
+            _commit(tmp, target, overwrite=overwrite)
+        except BaseException:
+            _remove(tmp)
+            raise
+
+
+@contextmanager
+def writing(target: Path) -> Iterator[None]:
+    """Turn an OSError (disk full, read-only mount, a file where a dir must be) into OutputWriteError naming `target`."""
     try:
-        yield tmp
-        _commit(tmp, target, overwrite=overwrite)
-    except BaseException:
-        _remove(tmp)
+        yield
+    except LmctkError:
         raise
+    except OSError as exc:
+        raise OutputWriteError(target, exc) from exc
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -55,6 +55,8 @@ def read_header(file: Path) -> tuple[list[TensorInfo], dict[str, str]]:
         header = json.loads(raw)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         raise corrupt(file, f"header is not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise corrupt(file, "header JSON is nested too deeply to be a safetensors header") from None
     if not isinstance(header, dict):
         raise corrupt(file, "header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}

@@ -13,9 +13,9 @@ from lmctk.errors import (
     CorruptCheckpointError,
     KeyMismatchError,
     LmctkError,
-    MissingPathError,
     UnknownFormatError,
 )
+from lmctk.io.paths import input_path
 
 _STEP_DIR = re.compile(r"step(\d{8})")
 _DIR_FILES = {  # in the order transformers prefers them
@@ -32,11 +32,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """`path` itself, or for an lmctk run dir (`manifest.json` + `checkpoints/`) its latest checkpoint dir.
 
     The latest is `checkpoints/stepNNNNNNNN/` with the highest step. Raises MissingPathError for a
-    missing path and UnknownFormatError for a run dir without checkpoints.
+    missing path and UnknownFormatError for a run dir without checkpoints, a symlink loop or a path
+    that is not a regular file or dir.
     """
-    path = Path(path)
-    if not path.exists():
-        raise MissingPathError(path, "checkpoint path")
+    path = input_path(path, "checkpoint path")
     checkpoints = path / "checkpoints"
     if not ((path / "manifest.json").is_file() and checkpoints.is_dir()):
         return path
@@ -119,7 +118,7 @@ def _read_index(index: Path, fmt: str) -> Layout:
         shard_of, metadata = data["weight_map"], data.get("metadata") or {}
         valid = isinstance(shard_of, dict) and bool(shard_of) and isinstance(metadata, dict)
         valid = valid and all(isinstance(s, str) and Path(s).name == s for s in shard_of.values())
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         valid = False
     if not valid:
         raise CorruptCheckpointError(
@@ -129,6 +128,10 @@ def _read_index(index: Path, fmt: str) -> Layout:
     weight_map = {name: index.parent / shard for name, shard in shard_of.items()}
     files = tuple(dict.fromkeys(weight_map.values()))
     for file in files:
-        if not file.is_file():
-            raise CorruptCheckpointError(f"{file}: shard named by {index.name} does not exist; {_REMEDY}")
+        try:
+            input_path(file, f"shard named by {index.name}")
+        except LmctkError as exc:
+            raise CorruptCheckpointError(f"{exc}; {_REMEDY}") from None
+        if file.is_dir():
+            raise CorruptCheckpointError(f"{file}: shard named by {index.name} is a dir; {_REMEDY}")
     return Layout(index.parent, fmt, files, index, weight_map, metadata)

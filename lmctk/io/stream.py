@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from lmctk.errors import ConfigError, OutputExistsError
-from lmctk.io.atomic import _commit, fsync_path
+from lmctk.io.atomic import _commit, fsync_path, writing
 from lmctk.io.header import _DTYPES
 from lmctk.io.journal import append_journal, read_journal
+from lmctk.io.layout import locate
 from lmctk.io.sizes import parse_size
 from lmctk.io.write import (
     metadata_with_format,
@@ -33,6 +34,7 @@ from lmctk.io.write import (
 )
 
 JOURNAL = ".journal.jsonl"
+_HEAD_BYTES = 1 << 16
 _CODES = {dtype: code for code, dtype in _DTYPES.items()}
 
 
@@ -70,11 +72,13 @@ def stream_hf_dir(
     overwrite: bool = False,
     resume: bool = False,
     progress: ProgressFn | None = None,
+    inputs: Sequence[str | os.PathLike] = (),
 ) -> Path:
     """Write an HF model dir whose tensors `produce(name)` computes one at a time, in `slots` order.
 
     `files` (name -> bytes: config.json, tokenizer files, README.md) are written beside the weights.
-    `resume=True` continues the interrupted write of the same plan from its journal. Raises
+    `resume=True` continues the interrupted write of the same plan from its journal, and only if the
+    checkpoints `inputs` it is computed from are unchanged (see `input_fingerprints`). Raises
     OutputExistsError up front (nothing touched) if `out_dir` exists and not `overwrite`.
     """
     out_dir = Path(out_dir)
@@ -91,32 +95,34 @@ def stream_hf_dir(
     names = [shard_file_name(i, len(groups)) for i in range(1, len(groups) + 1)]
     headers = [_header([by_name[n] for n in group], meta) for group in groups]
     fingerprint = _fingerprint(names, headers, files or {})
-    tmp = partial_dir(out_dir)
-    done = _resume(tmp, fingerprint) if resume else _fresh(tmp, fingerprint)
-    total = sum(s.nbytes for s in slots)
-    written = sum(sum(by_name[n].nbytes for n in group) for name, group in zip(names, groups) if name in done)
-    for name, group, header in zip(names, groups, headers):
-        if name in done:
-            continue
-        with open(tmp / name, "wb") as f:
-            f.write(header)
-            for tensor_name in group:
-                slot = by_name[tensor_name]
-                _write_tensor(f, slot, produce(tensor_name))
-                written += slot.nbytes
-                if progress:
-                    progress(tensor_name, written, total)
-            f.flush()
-            os.fsync(f.fileno())
-        append_journal(tmp / JOURNAL, {"shard": name, "bytes": (tmp / name).stat().st_size})
-    for name, data in (files or {}).items():
-        (tmp / name).write_bytes(data)
-        fsync_path(tmp / name)
-    if len(groups) > 1:
-        write_index(tmp, {t: name for name, group in zip(names, groups) for t in group}, total)
-    (tmp / JOURNAL).unlink()
-    fsync_path(tmp)
-    _commit(tmp, out_dir, overwrite=overwrite)
+    with writing(out_dir):
+        tmp = partial_dir(out_dir)
+        sources = input_fingerprints(inputs)
+        done = _resume(tmp, fingerprint, sources) if resume else _fresh(tmp, fingerprint, sources)
+        total = sum(s.nbytes for s in slots)
+        written = sum(sum(by_name[n].nbytes for n in group) for name, group in zip(names, groups) if name in done)
+        for name, group, header in zip(names, groups, headers):
+            if name in done:
+                continue
+            with open(tmp / name, "wb") as f:
+                f.write(header)
+                for tensor_name in group:
+                    slot = by_name[tensor_name]
+                    _write_tensor(f, slot, produce(tensor_name))
+                    written += slot.nbytes
+                    if progress:
+                        progress(tensor_name, written, total)
+                f.flush()
+                os.fsync(f.fileno())
+            append_journal(tmp / JOURNAL, {"shard": name, "bytes": (tmp / name).stat().st_size})
+        for name, data in (files or {}).items():
+            (tmp / name).write_bytes(data)
+            fsync_path(tmp / name)
+        if len(groups) > 1:
+            write_index(tmp, {t: name for name, group in zip(names, groups) for t in group}, total)
+        (tmp / JOURNAL).unlink()
+        fsync_path(tmp)
+        _commit(tmp, out_dir, overwrite=overwrite)
     return out_dir
 
 
@@ -150,15 +156,29 @@ def _fingerprint(names: list[str], headers: list[bytes], files: Mapping[str, byt
     return h.hexdigest()
 
 
-def _fresh(tmp: Path, fingerprint: str) -> set[str]:
+def input_fingerprints(paths: Sequence[str | os.PathLike]) -> dict[str, str]:
+    """Per weight file (and shard index) of the checkpoints `paths`: a hash of its size, mtime_ns and
+    first 64 KiB (a safetensors header), so a checkpoint replaced between a kill and a resume is noticed."""
+    out = {}
+    for path in paths:
+        layout = locate(path)
+        for file in (*layout.files, *([layout.index] if layout.index else [])):
+            st = file.stat()
+            with open(file, "rb") as f:
+                head = f.read(_HEAD_BYTES)
+            out[str(file)] = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}:".encode() + head).hexdigest()
+    return out
+
+
+def _fresh(tmp: Path, fingerprint: str, sources: dict[str, str]) -> set[str]:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    append_journal(tmp / JOURNAL, {"plan": fingerprint})
+    append_journal(tmp / JOURNAL, {"plan": fingerprint, "inputs": sources})
     return set()
 
 
-def _resume(tmp: Path, fingerprint: str) -> set[str]:
+def _resume(tmp: Path, fingerprint: str, sources: dict[str, str]) -> set[str]:
     """Shards the journal in `tmp` records as finished (and whose size still matches)."""
     journal = tmp / JOURNAL
     if not journal.is_file():
@@ -167,5 +187,12 @@ def _resume(tmp: Path, fingerprint: str) -> set[str]:
     if not records or records[0].get("plan") != fingerprint:
         raise ConfigError(
             f"{tmp}: the interrupted write was for different inputs or options; drop --resume to start over"
+        )
+    before = records[0].get("inputs", {})
+    changed = sorted(set(before) ^ set(sources) | {f for f in before.keys() & sources.keys() if before[f] != sources[f]})
+    if changed:
+        raise ConfigError(
+            f"{changed[0]}: input changed since the interrupted write ({len(changed)} file(s) differ in size, "
+            "time or header); resuming would mix old and new weights: drop --resume to start over"
         )
     return {r["shard"] for r in records[1:] if (tmp / r["shard"]).is_file() and (tmp / r["shard"]).stat().st_size == r["bytes"]}

@@ -25,12 +25,13 @@ def load_torch_state(file: Path, *, mmap: bool = False) -> tuple[dict[str, torch
     try:
         obj = torch.load(file, weights_only=True, map_location="cpu", mmap=mmap and zipfile.is_zipfile(file))
     except pickle.UnpicklingError as exc:
-        culprit = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        if culprit is None:  # not a pickle weights_only understands: damaged or not a torch file
+        if not _is_pickle(file):  # not a pickle at all: damaged or not a torch file
             raise corrupt(file, f"torch.load cannot read it ({_unpickler_error(exc)})") from exc
+        culprit = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        what = f"a pickled {culprit[1]}" if culprit else _unpickler_error(exc)
         raise UnknownFormatError(
-            f"{file}: holds a pickled {culprit[1]} object, and lmctk loads torch files with weights_only=True "
-            "only; re-save it as a dict of tensors or as .safetensors"
+            f"{file}: contains code or objects that weights-only loading refuses ({what}); lmctk never runs "
+            "pickled code: convert it to safetensors"
         ) from exc
     except Exception as exc:  # torch.load raises many types for damaged files; keep the cause chained
         raise corrupt(file, f"torch.load cannot read it ({_first_sentence(exc)})") from exc
@@ -43,6 +44,12 @@ def load_torch_state(file: Path, *, mmap: bool = False) -> tuple[dict[str, torch
         f"{file}: expected a dict of tensors (or one under 'state_dict'/'model') but found {_describe(obj)}; "
         "re-save it with torch.save(model.state_dict(), path)"
     )
+
+
+def _is_pickle(file: Path) -> bool:
+    """A torch zip archive or a legacy pickle (starts with the PROTO opcode)."""
+    with open(file, "rb") as f:
+        return f.read(1) == b"\x80" or zipfile.is_zipfile(f)
 
 
 def _is_state(obj: object) -> bool:

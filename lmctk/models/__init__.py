@@ -20,7 +20,7 @@ from lmctk.models.hf import FAMILIES, build_hf, config_fields
 from lmctk.models.mlp import MLP
 from lmctk.models.resnet import ResNet20
 
-__all__ = ["MODELS", "build_model", "has_dropout", "model_config", "resolve_options"]
+__all__ = ["MODELS", "build_model", "check_options", "has_dropout", "model_config", "resolve_options"]
 
 
 class Task(Protocol):
@@ -69,10 +69,23 @@ _REGISTRY.update({name: _hf(name) for name in FAMILIES})
 MODELS = tuple(_REGISTRY)
 
 
-def resolve_options(name: str, task: Task | None = None, **options: Any) -> dict[str, Any]:
-    """Every option of model `name`: its defaults, then the task's `model_options()`, then `options`."""
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """Raise ConfigError unless `name` is a model and every option is one it accepts, of its default's kind."""
     if name not in _REGISTRY:
         raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    entry = _REGISTRY[name]
+    accepted = [*entry.required, *entry.defaults]
+    for key, value in options.items():
+        if key not in accepted and not entry.raw_field(key):
+            choices = ", ".join(accepted) + entry.raw_hint
+            raise ConfigError(f"model {name!r}: unknown option {key!r}; accepted options: {choices}")
+        if key in entry.defaults:
+            _check_like(name, key, value, entry.defaults[key])
+
+
+def resolve_options(name: str, task: Task | None = None, **options: Any) -> dict[str, Any]:
+    """Every option of model `name`: its defaults, then the task's `model_options()`, then `options`."""
+    check_options(name, options)
     entry = _REGISTRY[name]
     given = dict(options)
     if task is not None:
@@ -81,15 +94,26 @@ def resolve_options(name: str, task: Task | None = None, **options: Any) -> dict
                 f"model {name!r} needs a {' or '.join(entry.kinds)} task; task {task.name!r} is {task.kind}"
             )
         given = {**task.model_options(), **options}
-    accepted = [*entry.required, *entry.defaults]
-    for key in given:
-        if key not in accepted and not entry.raw_field(key):
-            choices = ", ".join(accepted) + entry.raw_hint
-            raise ConfigError(f"model {name!r}: unknown option {key!r}; accepted options: {choices}")
+    check_options(name, given)
     missing = [key for key in entry.required if key not in given]
     if missing:
         raise ConfigError(f"model {name!r} needs {', '.join(missing)}; pass a task or give {missing[0]}=")
     return {**entry.defaults, **given}
+
+
+def _check_like(name: str, key: str, value: Any, default: Any) -> None:
+    """A user option must have its default's kind: a positive int, a non-empty list of them, or a string."""
+    def size(x: Any) -> bool:
+        return type(x) is int and x > 0
+
+    if type(default) is int and not size(value):
+        raise ConfigError(f"model {name!r}: option {key}={value!r} must be a positive integer (e.g. {key}={default})")
+    if isinstance(default, (tuple, list)) and default and all(size(d) for d in default):
+        if not (isinstance(value, (tuple, list)) and value and all(size(v) for v in value)):
+            example = ",".join(map(str, default))
+            raise ConfigError(f"model {name!r}: option {key}={value!r} must be positive integers (e.g. {key}={example})")
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(f"model {name!r}: option {key}={value!r} must be a string (e.g. {key}={default})")
 
 
 def _jsonable(value: Any) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -161,8 +162,8 @@ def _weights(method: str, weights: list[float] | None, n: int) -> list[float]:
         raise ConfigError("--weights: the weighted method needs one weight per checkpoint, e.g. --weights 0.5,0.3,0.2")
     if len(weights) != n:
         raise ConfigError(f"--weights: {len(weights)} weights for {n} checkpoints; give one per checkpoint")
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ConfigError(f"--weights: {weights} must be non-negative with a positive sum")
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"--weights: {weights} must be finite and non-negative with a positive sum")
     return [float(w) for w in weights]
 
 

@@ -10,6 +10,7 @@ checkpoints share an initialisation (weight cosine ≥ 0.5, with the base when g
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ State = Mapping[str, torch.Tensor]
 class Verdict:
     """The soupability verdict, its one-line explanation and the evidence behind it."""
 
-    soupable: bool
+    soupable: bool | None  # None: undefined (a loss is not finite)
     explanation: str
     names: list[str]
     metric: str
@@ -49,7 +50,8 @@ class Verdict:
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.soupable else 3
+        """0 soupable, 3 not soupable, 2 undefined (a non-finite loss: bad input, not a verdict)."""
+        return 2 if self.soupable is None else 0 if self.soupable else 3
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -168,7 +170,8 @@ def _barrier(scorer: Scorer, a: State, b: State, loss_a: float, loss_b: float, p
     out = {"midpoint": loss[0.5] - 0.5 * (loss_a + loss_b)}
     if points:
         curve = [loss_a, *(loss[x] for x in alphas[1:-1]), loss_b]
-        out["max"] = max(out["midpoint"], barriers(alphas, curve)["mean_endpoint"])
+        full = barriers(alphas, curve)["mean_endpoint"]  # NaN when any loss on the grid is not finite
+        out["max"] = math.nan if math.isnan(full) else max(out["midpoint"], full)
     return out
 
 
@@ -189,9 +192,15 @@ def _cosines(states: Sequence[State], matrices_only: bool = False) -> list[list[
     return out
 
 
-def _explain(scorer: Scorer, barriers, threshold, greedy: GreedyResult, models, best: int, n: int) -> tuple[bool, str]:
+def _explain(scorer: Scorer, barriers, threshold, greedy: GreedyResult, models, best: int,
+             n: int) -> tuple[bool | None, str]:
     kept = ", ".join(str(i + 1) for i in sorted(greedy.kept))
     keeps = f"the greedy soup keeps {'only ' if len(greedy.kept) < n else ''}{kept}"
+    undefined = [pair for pair, b in barriers.items() if not all(math.isfinite(v) for v in b.values())]
+    undefined += [label for label, row in models.items() if not math.isfinite(row["val"]["loss"])]
+    if undefined:
+        return None, (f"undefined: the val loss is not finite for {', '.join(undefined)} "
+                      "(pairs i-j: on the path between them), so there is no verdict")
     high = {pair: max(b.values()) for pair, b in barriers.items() if max(b.values()) > threshold}
     if high:
         conflicts: dict[str, set[str]] = {}

@@ -90,6 +90,7 @@ def stream_soup(
     return stream_hf_dir(
         out_dir, plan.slots, produce, shard_size=plan.shard_size, files=files,
         metadata={"lmctk": f"{plan.method} soup"}, overwrite=overwrite, resume=resume, progress=progress,
+        inputs=[ing.path for ing in plan.ingredients],
     )
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from lmctk.errors import ConfigError
+from lmctk.models import check_options
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -53,11 +54,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer: unknown '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
+        check_options(self.model, self.model_options)
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule: unknown '{self.schedule}'; choose one of {', '.join(SCHEDULES)}")
         for name in ("steps", "batch_size", "eval_every"):
             if getattr(self, name) < (0 if name == "steps" else 1):
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        for name, least in (("lr", "> 0"), ("momentum", ">= 0"), ("weight_decay", ">= 0"), ("grad_clip", "> 0")):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and (value > 0 if least == "> 0" else value >= 0)):
+                raise ConfigError(f"{name}: must be a finite number {least}, got {value}")
         if self.warmup < 0 or self.warmup > self.steps:
             raise ConfigError(f"warmup: must be between 0 and steps ({self.steps}), got {self.warmup}")
         bad = [s for s in self.checkpoints if s < 0 or s > self.steps]

@@ -21,15 +21,18 @@ def final_value(final: dict[str, Any], metric: str, definition: str, path: str) 
     source = final.get("aligned") if path == "aligned" else final
     if not source:
         return None
-    return float(source["barrier"][metric][definition])
+    value = source["barrier"][metric][definition]
+    return math.nan if value is None else float(value)  # strict JSON stores a NaN barrier as null
 
 
 def sigma_star(scales: list[float], values: list[float], target: float) -> tuple[float | None, str]:
     """(σ*, how): the first crossing of `target` by values(σ) over ascending non-zero scales, in log10 σ.
 
     how is "fit" (interpolated), "below" (the smallest σ already reaches it; σ* <= scales[0]) or
-    "above" (no σ reaches it; σ* > scales[-1]).
+    "above" (no σ reaches it; σ* > scales[-1]), or "undefined" when a barrier is NaN or ±Inf.
     """
+    if not all(math.isfinite(v) for v in values):
+        return None, "undefined"
     for i, (s, v) in enumerate(zip(scales, values)):
         if v >= target:
             if i == 0:
@@ -41,7 +44,7 @@ def sigma_star(scales: list[float], values: list[float], target: float) -> tuple
 
 
 def phase_label(how: str) -> str:
-    return {"below": "chaotic", "fit": "transition", "above": "stable"}[how]
+    return {"below": "chaotic", "fit": "transition", "above": "stable", "undefined": "undefined"}[how]
 
 
 @dataclass

@@ -18,7 +18,7 @@ from torch import nn
 from lmctk.basin.barrier import barrier_sweep
 from lmctk.dynamics.butterfly.perturb import Injection, PerturbConfig, inject
 from lmctk.dynamics.probes import layer_outputs
-from lmctk.errors import LmctkError
+from lmctk.errors import ConfigError, LmctkError
 from lmctk.metrics import angular_cka, linear_cka
 from lmctk.tasks.base import IGNORE_INDEX, Task, forward, scored_pairs
 from lmctk.train import Trainer
@@ -43,6 +43,15 @@ class MeasureConfig:
     renorm: Literal["none", "bn_reset", "repair"] = "none"  # renormalise every θ(α) (BatchNorm nets: bn_reset)
     split: Literal["train", "val", "test"] = "test"
     batch_size: int | None = None  # eval batch size (None: whole split at once)
+
+    def __post_init__(self) -> None:  # checked when the recipe is read, before any training
+        for name, least in (("points", 2), ("final_points", 2), ("every", 0), ("probe", 4 if self.cka else 1),
+                            ("batch_size", 1)):
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise ConfigError(f"{name}: must be at least {least}, got {value}")
+        if any(s < 0 for s in self.at):
+            raise ConfigError(f"at: steps must be >= 0, got {self.at}")
 
 
 def measure_steps(t: int, total: int, every: int, at: list[int] | tuple[int, ...] = ()) -> list[int]:

@@ -141,7 +141,7 @@ def _scored_positions(batches: list[Batch]) -> tuple[list[torch.Tensor], list[to
 
 
 def finite_mean(values: list[float]) -> float:
-    """Mean of the non-NaN values (NaN when there are none)."""
+    """Mean of the non-NaN values (NaN when there are none); `converge` notes the layers left out."""
     finite = [v for v in values if not math.isnan(v)]
     return sum(finite) / len(finite) if finite else math.nan
 
@@ -231,7 +231,7 @@ class ConvergeResult:
             "cka": {"layers": self.layers, "debiased_linear": self.series("cka"),
                     "per_seed": self.series("cka_seed")},
             "loss": {"per_seed": self.series("losses"), "mean": [s.loss["mean"] for s in p],
-                     "std": [s.loss["std"] for s in p]},
+                     "std": [s.loss["std"] for s in p], "std_is": "sample std (ddof=1); null with one seed"},
             "loss_cv": [s.loss["cv"] for s in p],
             "phases": self.phases.to_dict(),
             "regimes": {**self.regimes.to_dict(), "source": self.regimes_from} if self.regimes else None,
@@ -292,6 +292,16 @@ def _step_metrics(step: int, out: StepOutputs, lay: dict[str, list], strata: dic
         fingerprint_seed=_by_seed(lay["seed_fp"], k), cka=lay["cka"], cka_seed=_by_seed(lay["seed_cka"], k),
         losses=losses.tolist(), loss=metrics.loss_spread(losses),
     )
+
+
+def _nan_layer_notes(layers: list[str], per_step: list[StepMetrics]) -> list[str]:
+    """A note naming the layers whose CKA or fingerprint is NaN at some step (never dropped silently)."""
+    undefined = [name for i, name in enumerate(layers)
+                 if any(math.isnan(v[i]) for p in per_step for v in (p.cka, p.fingerprint_raw, p.fingerprint_centred))]
+    if not undefined:
+        return []
+    return [f"CKA or fingerprint is NaN (a constant representation) at layer(s) {', '.join(undefined)}; "
+            "means over layers and the regimes leave those values out"]
 
 
 def _regimes(steps: list[int], per_step: list[StepMetrics], source: str, k: int, notes: list[str]) -> Regimes:
@@ -355,6 +365,7 @@ def converge(
     if not layers:
         notes.append("fingerprints and CKA skipped: the model exposes no hidden states or nn.ModuleList blocks")
     per_step = [_step_metrics(s, outputs[s], layer_stats[s], strata, evaluator.clusters, k) for s in chosen]
+    notes += _nan_layer_notes(layers, per_step)
     phases = detect_phases(chosen, [p.kl for p in per_step])
     regimes = _regimes(chosen, per_step, regimes_from, k, notes) if layers and len(chosen) >= 2 else None
     if not evaluator.batched:

@@ -47,7 +47,7 @@ def _table(title: str, columns: list[str], left: tuple[str, ...] = ()) -> Table:
 def _step_table(result: ConvergeResult) -> Table:
     t = _table("per step on the test split (KL: expected per-token KL over ordered seed pairs, nats; "
                "± SE over contexts)",
-               ["step", "KL", "± SE", "loss mean", "loss CV", "fingerprint", "centred", "CKA", "phase"], ("phase",))
+               ["step", "KL", "± SE", "loss mean", "loss CV (ddof=1)", "fingerprint", "centred", "CKA", "phase"], ("phase",))
     for s in result.per_step:
         t.add_row(str(s.step), _f(s.kl, ".4g"), _f(s.kl_se, ".2g"), _f(s.loss["mean"], ".3f"), _f(s.loss["cv"], ".3f"),
                   _f(finite_mean(s.fingerprint_raw), ".3f"), _f(finite_mean(s.fingerprint_centred), ".3f"),
