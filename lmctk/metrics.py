@@ -1,7 +1,7 @@
 """Small pure metrics on tensors and states: distances, CKA, seed-convergence KL, fingerprints, loss CV.
 
 Every function takes tensors and returns tensors or floats; nothing here loads models or prints.
-Formulas are those of `DESIGN.md` (debiased linear CKA after Kornblith et al.; expected per-token
+Formulas are those of `docs/ARCHITECTURE.md` (debiased linear CKA after Kornblith et al.; expected per-token
 KL convergence after Fehlauer et al.).
 """
 
@@ -67,7 +67,7 @@ def _cross_sq(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _hsic_debiased(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """h(X,Y) of DESIGN.md on column-centred X, Y (proportional to the unbiased HSIC)."""
+    """h(X,Y) of docs/ARCHITECTURE.md on column-centred X, Y (proportional to the unbiased HSIC)."""
     n = x.shape[0]
     r_x, r_y = x.square().sum(1), y.square().sum(1)
     return (
@@ -80,7 +80,7 @@ def _hsic_debiased(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def linear_cka(x: torch.Tensor, y: torch.Tensor, debiased: bool = True) -> float:
     """Linear CKA between representations X (n, ...) and Y (n, ...) of the same n examples.
 
-    Debiased (default): h(X,Y)/√(h(X,X)h(Y,Y)) with DESIGN.md's h, valid for n >= 4. Biased:
+    Debiased (default): h(X,Y)/√(h(X,X)h(Y,Y)) with the h of docs/ARCHITECTURE.md, valid for n >= 4. Biased:
     ‖YᵀX‖²_F/(‖XᵀX‖_F‖YᵀY‖_F). Returns NaN when a representation is constant or, for tiny n,
     the debiased self-similarity is not positive. Computed in float64.
     """

@@ -1,4 +1,4 @@
-"""Permutation alignment: weight matching (Git Re-Basin) and activation matching.
+"""Permutation alignment by weight matching (Git Re-Basin); activation matching reuses its descent.
 
 Weight matching maximises Σ_tensors <A, π(B)> by coordinate descent over permutation groups: for a
 group g, S_g[i, j] = Σ over the tensors g acts on of <A's slice i, B's slice j>, with B already

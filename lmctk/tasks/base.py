@@ -42,7 +42,7 @@ class Batch:
 
 
 class Task(Protocol):
-    """What a model is trained and evaluated on; see DESIGN.md. Sums in `score` aggregate across batches."""
+    """What a model is trained and evaluated on (docs/ARCHITECTURE.md). Sums in `score` aggregate across batches."""
 
     name: str
     kind: str
