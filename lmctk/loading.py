@@ -41,8 +41,7 @@ def task_of(path: str | Path) -> tuple[str, dict[str, Any]] | None:
     run = run_dir_of(path)
     if run is None:
         return None
-    task = _manifest(run)["config"]
-    return task["task"], task.get("task_options") or {}
+    return RunDir.open(run).task()
 
 
 def model_config_of(path: str | Path) -> Any:
