@@ -70,11 +70,14 @@ def stream_hf_dir(
     overwrite: bool = False,
     resume: bool = False,
     progress: ProgressFn | None = None,
+    finish: Callable[[Path], Mapping[str, bytes]] | None = None,
 ) -> Path:
     """Write an HF model dir whose tensors `produce(name)` computes one at a time, in `slots` order.
 
-    `files` (name -> bytes: config.json, tokenizer files, README.md) are written beside the weights.
-    `resume=True` continues the interrupted write of the same plan from its journal. Raises
+    `files` (name -> bytes: config.json, tokenizer files, README.md) are written beside the weights;
+    `finish(dir)` may read the complete dir before it is committed and return more files (a model card
+    with the output's scores), so the committed dir is whole. `resume=True` continues the interrupted
+    write of the same plan from its journal (or starts afresh if none was begun). Raises
     OutputExistsError up front (nothing touched) if `out_dir` exists and not `overwrite`.
     """
     out_dir = Path(out_dir)
@@ -92,7 +95,7 @@ def stream_hf_dir(
     headers = [_header([by_name[n] for n in group], meta) for group in groups]
     fingerprint = _fingerprint(names, headers, files or {})
     tmp = partial_dir(out_dir)
-    done = _resume(tmp, fingerprint) if resume else _fresh(tmp, fingerprint)
+    done = _resume(tmp, fingerprint) if resume and (tmp / JOURNAL).is_file() else _fresh(tmp, fingerprint)
     total = sum(s.nbytes for s in slots)
     written = sum(sum(by_name[n].nbytes for n in group) for name, group in zip(names, groups) if name in done)
     for name, group, header in zip(names, groups, headers):
@@ -109,15 +112,21 @@ def stream_hf_dir(
             f.flush()
             os.fsync(f.fileno())
         append_journal(tmp / JOURNAL, {"shard": name, "bytes": (tmp / name).stat().st_size})
-    for name, data in (files or {}).items():
-        (tmp / name).write_bytes(data)
-        fsync_path(tmp / name)
+    _write_files(tmp, files or {})
     if len(groups) > 1:
         write_index(tmp, {t: name for name, group in zip(names, groups) for t in group}, total)
+    if finish:
+        _write_files(tmp, finish(tmp))
     (tmp / JOURNAL).unlink()
     fsync_path(tmp)
     _commit(tmp, out_dir, overwrite=overwrite)
     return out_dir
+
+
+def _write_files(directory: Path, files: Mapping[str, bytes]) -> None:
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+        fsync_path(directory / name)
 
 
 def _header(slots: Sequence[TensorSlot], metadata: Mapping[str, str]) -> bytes:
@@ -161,8 +170,6 @@ def _fresh(tmp: Path, fingerprint: str) -> set[str]:
 def _resume(tmp: Path, fingerprint: str) -> set[str]:
     """Shards the journal in `tmp` records as finished (and whose size still matches)."""
     journal = tmp / JOURNAL
-    if not journal.is_file():
-        raise ConfigError(f"{tmp}: no interrupted write to resume here; run without --resume")
     records = list(read_journal(journal))
     if not records or records[0].get("plan") != fingerprint:
         raise ConfigError(
