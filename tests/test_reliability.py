@@ -23,7 +23,7 @@ from lmctk.soup import load_soup_recipe
 from lmctk.train import TrainConfig, fit
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ["--task", "digits", "--model", "mlp", "--model-opt", "widths=8", "--steps", "4", "--batch-size", "16",
+TRAIN = ["--task", "digits", "--model", "mlp", "--model-opt", "widths=[8]", "--steps", "4", "--batch-size", "16",
          "--eval-every", "2", "--quiet"]
 
 
