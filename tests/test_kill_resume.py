@@ -168,7 +168,7 @@ class Row:
 
 def check(job: Job, work: Path, kills: int, rng: random.Random) -> Row:
     """Run `job` straight once, then `kills` times: start, SIGKILL at a random moment, resume, compare."""
-    ref = work / f"{job.name.split()[0]}-{job.name[-4:]}-ref"
+    ref = work / ("".join(c if c.isalnum() else "-" for c in job.name) + "-ref")
     start = time.perf_counter()
     proc = lmctk(*job.argv(ref))
     assert proc.wait() == 0, proc.stderr.read()
@@ -220,7 +220,7 @@ def main() -> None:
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         rows = [check(job, Path(tmp), args.kills, rng) for job in jobs(Path(tmp))]
-    print(f"| command | kills | finished before kill | resumed ok | identical to uninterrupted | duplicate records |")
+    print("| command | kills | finished before kill | resumed ok | identical to uninterrupted | duplicate records |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r.name} | {r.kills} | {r.finished_before_kill} | {r.resumed_ok} | {r.identical} | {r.duplicates} |")
