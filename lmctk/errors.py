@@ -90,3 +90,7 @@ class OutputExistsError(LmctkError, FileExistsError):
 
 class ConfigError(LmctkError, ValueError):
     """A bad option, field or name given by the user (task, model, recipe key, CLI value)."""
+
+
+class BusyError(ConfigError):
+    """Another lmctk process is writing the same output (it holds the output's lock)."""

@@ -41,8 +41,7 @@ def task_of(path: str | Path) -> tuple[str, dict[str, Any]] | None:
     run = run_dir_of(path)
     if run is None:
         return None
-    task = _manifest(run)["config"]
-    return task["task"], task.get("task_options") or {}
+    return RunDir.open(run).task()
 
 
 def model_config_of(path: str | Path) -> Any:
@@ -131,8 +130,9 @@ def resolve_task(task: str | Task | None, options: Mapping[str, Any] | None, pat
 
 def load_model_state(path: str | Path, task: Task | None = None) -> tuple[nn.Module, dict[str, torch.Tensor], Task | None]:
     """(model skeleton, its state at `path`, the run's task or None) for any checkpoint path."""
-    found = task_of(path)
-    task = task or (get_task(found[0], **found[1]) if found else None)
+    if task is None:
+        found = task_of(path)
+        task = get_task(found[0], **found[1]) if found else None
     model = checkpoint_skeleton(path, task)
     state = load_state(path)
     load_into(model, state, path)

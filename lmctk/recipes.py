@@ -50,6 +50,11 @@ def load_recipe(
         raise ConfigError(f"{path}: {exc}") from None
 
 
+def override_keys(overrides: typing.Sequence[str]) -> set[str]:
+    """The key paths that `overrides` set: the user's own words (e.g. `--set train.task=mod:fn`), not the file's."""
+    return {item.partition("=")[0].strip() for item in overrides}
+
+
 def apply_override(data: dict[str, Any], item: str) -> None:
     """Set `a.b.c=value` in nested TOML data in place; the value is TOML (`3`, `[1, 2]`, `"x"`) or a bare string."""
     key, sep, raw = item.partition("=")

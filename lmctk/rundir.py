@@ -3,6 +3,8 @@
 A run dir is how every long job leaves its results: the manifest says what ran (config, versions,
 git hash, seed), the journal holds one JSON record per event and survives a kill at any moment
 (a torn last line is ignored on read), and checkpoints are HF-style dirs `checkpoints/stepNNNNNNNN/`.
+The manifest is written first: a dir without one was never started (killed or failed before), and
+its leftovers are cleared by the next `create` without asking for --overwrite.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lmctk.errors import ConfigError, MissingPathError, OutputExistsError
 from lmctk.io import atomic_write_text
-from lmctk.io.journal import append_journal, read_journal
+from lmctk.io.journal import append_journal, read_journal, rewrite_journal
+from lmctk.tasks import refuse_code
 
 MANIFEST = "manifest.json"
 JOURNAL = "metrics.jsonl"
@@ -79,7 +83,7 @@ class RunDir:
         """Start a new run at `path`; an existing non-empty dir needs `overwrite=True`."""
         p = Path(path)
         if p.exists() and (not p.is_dir() or any(p.iterdir())):
-            if not overwrite:
+            if not overwrite and not _unstarted(p):
                 raise OutputExistsError(p)
             if p.is_dir():
                 shutil.rmtree(p)
@@ -115,6 +119,15 @@ class RunDir:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{self.manifest_path}: broken JSON ({e.msg}); the run dir is damaged") from e
 
+    def task(self, allow_code: bool | str = False) -> tuple[str, dict[str, Any]]:
+        """The (task name, options) this training run used; a `module:function` task is refused unless
+        `allow_code` (data never chooses code to run: the user names it with --task)."""
+        config = self.manifest()["config"]
+        name = config["task"]
+        refuse_code(name, f"{self.manifest_path}: config.task",
+                    f"name it yourself: --task {name} (API: task={name!r} or allow_code=True)", allow_code)
+        return name, config.get("task_options") or {}
+
     def append(self, record: dict[str, Any]) -> None:
         """Append one record to the journal (see `lmctk.io.journal`: fsynced, safe for several ranks)."""
         append_journal(self.journal_path, record)
@@ -122,6 +135,13 @@ class RunDir:
     def records(self) -> list[dict[str, Any]]:
         """All complete journal records in order; a torn final line (a kill mid-write) is skipped."""
         return list(read_journal(self.journal_path))
+
+    def keep_records(self, keep: Callable[[dict[str, Any]], bool]) -> None:
+        """Drop the journal records `keep(record)` rejects (a resume redoes the work they record)."""
+        records = self.records()
+        kept = [r for r in records if keep(r)]
+        if len(kept) != len(records):
+            rewrite_journal(self.journal_path, kept)
 
     def checkpoint_dir(self, step: int) -> Path:
         return self.path / CHECKPOINTS / checkpoint_name(step)
@@ -137,6 +157,13 @@ class RunDir:
                 if (d / "model.safetensors").is_file() or (d / "model.safetensors.index.json").is_file():
                     steps.append(int(d.name[4:]))
         return sorted(steps)
+
+
+def _unstarted(path: Path) -> bool:
+    """A dir holding only what a run killed before its manifest leaves (checkpoints/, the journal)."""
+    return path.is_dir() and all(
+        e.name in (CHECKPOINTS, JOURNAL) or e.name.startswith(f".{MANIFEST}.") for e in path.iterdir()
+    )
 
 
 def timestamp() -> str:

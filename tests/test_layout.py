@@ -17,12 +17,13 @@ PACKAGE = ROOT / "lmctk"
 RANKS = {
     "errors": 0, "seeding": 0, "__init__": 0,
     "io": 1,
-    "metrics": 2, "recipes": 2, "render": 2, "tasks": 2, "models": 2, "rundir": 2,
-    "spec": 3, "loading": 3,
-    "train": 4,
-    "basin": 5,
-    "soup": 6, "dynamics": 6,
-    "cli": 7, "__main__": 8,
+    "metrics": 2, "recipes": 2, "render": 2, "tasks": 2, "models": 2,
+    "spec": 3, "rundir": 3,
+    "loading": 4,
+    "train": 5,
+    "basin": 6,
+    "soup": 7, "dynamics": 7,
+    "cli": 8, "__main__": 9,
 }
 
 

@@ -251,8 +251,6 @@ def test_resume_with_other_inputs_is_refused(gpt2_dirs, tmp_path):
         soup_files(_recipe(gpt2_dirs, out, shard_size="30KB"), progress=stop)
     with pytest.raises(ConfigError, match="different inputs"):
         soup_files(_recipe(gpt2_dirs[:2], out, shard_size="30KB"), resume=True)
-    with pytest.raises(ConfigError, match="no interrupted write"):
-        soup_files(_recipe(gpt2_dirs, tmp_path / "never", shard_size="30KB"), resume=True)
 
 
 def test_cli_soup_from_recipe_and_existing_out_exits_2(gpt2_dirs, tmp_path, capsys):
@@ -494,13 +492,13 @@ def test_cli_flags_are_checked_like_recipe_keys(gpt2_dirs, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_resume_without_an_interrupted_write_fails_before_greedy_selection(gpt2_dirs, tmp_path, monkeypatch):
-    import lmctk.soup.run
-
-    monkeypatch.setattr(lmctk.soup.run, "greedy_soup", lambda *a, **k: pytest.fail("selection ran"))
-    monkeypatch.setattr(lmctk.soup.run, "_scorer", lambda *a, **k: pytest.fail("scorer built"))
-    with pytest.raises(ConfigError, match="no interrupted write"):
-        soup_files(_recipe(gpt2_dirs, tmp_path / "never", method="greedy", task="text"), resume=True)
+def test_resume_without_an_interrupted_write_starts_afresh(gpt2_dirs, tmp_path):
+    """A soup killed before its write began has nothing to resume: --resume writes it from scratch."""
+    soup_files(_recipe(gpt2_dirs, tmp_path / "straight", shard_size="30KB"))
+    soup_files(_recipe(gpt2_dirs, tmp_path / "never", shard_size="30KB"), resume=True)
+    for file in (tmp_path / "straight").iterdir():
+        expected = file.read_bytes().replace(str(tmp_path / "straight").encode(), str(tmp_path / "never").encode())
+        assert (tmp_path / "never" / file.name).read_bytes() == expected, file.name
 
 
 def test_aligned_and_streamed_soups_cast_the_fp32_mean_once(tmp_path):

@@ -50,7 +50,7 @@ def converge(
         if path is not None and path.exists() and not overwrite:  # refuse before the work, not after
             raise OutputExistsError(path)
     if recipe is not None:
-        spec = load_converge_recipe(recipe)
+        spec = load_converge_recipe(recipe, allow_code=task or False)  # a code task runs if --task names it
         with console.status("training seeds") as status:
             runs = train_seeds(spec, out, overwrite=retrain,
                                progress=lambda n, total: status.update(f"trained seed {n}/{total}"))

@@ -33,7 +33,7 @@ def _recipe(
     if recipe is not None:
         if checkpoints:
             raise ConfigError("checkpoints: give them in the recipe or on the command line, not both")
-        data = asdict(load_soup_recipe(recipe))
+        data = asdict(load_soup_recipe(recipe, allow_code=task is not None))  # --task replaces the file's task
     elif not checkpoints:
         raise ConfigError("checkpoints: give at least 2 checkpoints, or --recipe FILE.toml")
     else:

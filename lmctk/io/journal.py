@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lmctk.errors import ConfigError
+from lmctk.io.atomic import atomic_write_bytes
 
 _CHUNK = 1 << 16
 
@@ -63,3 +64,8 @@ def read_journal(path: Path) -> Iterator[dict[str, Any]]:
             if i == len(lines) - 1:  # unterminated: the last line of a killed writer
                 return
             raise ConfigError(f"{path}: line {i + 1} is not JSON; the journal is damaged, remove it to start over") from None
+
+
+def rewrite_journal(path: Path, records: list[dict[str, Any]]) -> None:
+    """Replace the journal with `records` atomically (a resume drops records of work it redoes)."""
+    atomic_write_bytes(path, b"".join((json.dumps(r, sort_keys=True) + "\n").encode() for r in records))

@@ -73,11 +73,14 @@ def stream_hf_dir(
     resume: bool = False,
     progress: ProgressFn | None = None,
     inputs: Sequence[str | os.PathLike] = (),
+    finish: Callable[[Path], Mapping[str, bytes]] | None = None,
 ) -> Path:
     """Write an HF model dir whose tensors `produce(name)` computes one at a time, in `slots` order.
 
-    `files` (name -> bytes: config.json, tokenizer files, README.md) are written beside the weights.
-    `resume=True` continues the interrupted write of the same plan from its journal, and only if the
+    `files` (name -> bytes: config.json, tokenizer files, README.md) are written beside the weights;
+    `finish(dir)` may read the complete dir before it is committed and return more files (a model card
+    with the output's scores), so the committed dir is whole. `resume=True` continues the interrupted
+    write of the same plan from its journal (or starts afresh if none was begun), and only if the
     checkpoints `inputs` it is computed from are unchanged (see `input_fingerprints`). Raises
     OutputExistsError up front (nothing touched) if `out_dir` exists and not `overwrite`.
     """
@@ -98,32 +101,43 @@ def stream_hf_dir(
     with writing(out_dir):
         tmp = partial_dir(out_dir)
         sources = input_fingerprints(inputs)
-        done = _resume(tmp, fingerprint, sources) if resume else _fresh(tmp, fingerprint, sources)
+        resuming = resume and (tmp / JOURNAL).is_file()
+        done = _resume(tmp, fingerprint, sources) if resuming else _fresh(tmp, fingerprint, sources)
+        todo = [(name, [by_name[t] for t in group], header)
+                for name, group, header in zip(names, groups, headers) if name not in done]
         total = sum(s.nbytes for s in slots)
-        written = sum(sum(by_name[n].nbytes for n in group) for name, group in zip(names, groups) if name in done)
-        for name, group, header in zip(names, groups, headers):
-            if name in done:
-                continue
-            with open(tmp / name, "wb") as f:
-                f.write(header)
-                for tensor_name in group:
-                    slot = by_name[tensor_name]
-                    _write_tensor(f, slot, produce(tensor_name))
-                    written += slot.nbytes
-                    if progress:
-                        progress(tensor_name, written, total)
-                f.flush()
-                os.fsync(f.fileno())
-            append_journal(tmp / JOURNAL, {"shard": name, "bytes": (tmp / name).stat().st_size})
-        for name, data in (files or {}).items():
-            (tmp / name).write_bytes(data)
-            fsync_path(tmp / name)
+        _write_shards(tmp, todo, produce, total - sum(s.nbytes for _, group, _ in todo for s in group), total, progress)
+        _write_files(tmp, files or {})
         if len(groups) > 1:
             write_index(tmp, {t: name for name, group in zip(names, groups) for t in group}, total)
+        if finish:
+            _write_files(tmp, finish(tmp))
         (tmp / JOURNAL).unlink()
         fsync_path(tmp)
         _commit(tmp, out_dir, overwrite=overwrite)
     return out_dir
+
+
+def _write_shards(tmp: Path, todo: list[tuple[str, list[TensorSlot], bytes]], produce: Callable[[str], torch.Tensor],
+                  written: int, total: int, progress: ProgressFn | None) -> None:
+    """Write each shard (header, then its tensors as `produce` computes them), fsync it, journal it."""
+    for name, group, header in todo:
+        with open(tmp / name, "wb") as f:
+            f.write(header)
+            for slot in group:
+                _write_tensor(f, slot, produce(slot.name))
+                written += slot.nbytes
+                if progress:
+                    progress(slot.name, written, total)
+            f.flush()
+            os.fsync(f.fileno())
+        append_journal(tmp / JOURNAL, {"shard": name, "bytes": (tmp / name).stat().st_size})
+
+
+def _write_files(directory: Path, files: Mapping[str, bytes]) -> None:
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+        fsync_path(directory / name)
 
 
 def _header(slots: Sequence[TensorSlot], metadata: Mapping[str, str]) -> bytes:
@@ -181,8 +195,6 @@ def _fresh(tmp: Path, fingerprint: str, sources: dict[str, str]) -> set[str]:
 def _resume(tmp: Path, fingerprint: str, sources: dict[str, str]) -> set[str]:
     """Shards the journal in `tmp` records as finished (and whose size still matches)."""
     journal = tmp / JOURNAL
-    if not journal.is_file():
-        raise ConfigError(f"{tmp}: no interrupted write to resume here; run without --resume")
     records = list(read_journal(journal))
     if not records or records[0].get("plan") != fingerprint:
         raise ConfigError(

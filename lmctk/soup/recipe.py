@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from lmctk.errors import ConfigError
 from lmctk.recipes import load_recipe
+from lmctk.tasks import refuse_code
 
 
 @dataclass
@@ -105,6 +106,13 @@ def _value(value: Any) -> str:
     raise ConfigError(f"recipe: cannot write {value!r} as TOML")
 
 
-def load_soup_recipe(path: str | os.PathLike) -> SoupRecipe:
-    """Read a soup recipe strictly: unknown keys and wrong types are errors naming the key path."""
-    return load_recipe(path, SoupRecipe)
+def load_soup_recipe(path: str | os.PathLike, *, allow_code: bool = False) -> SoupRecipe:
+    """Read a soup recipe strictly: unknown keys and wrong types are errors naming the key path.
+
+    A `module:function` task.name is refused unless `allow_code` (a file never chooses code to run).
+    """
+    recipe = load_recipe(path, SoupRecipe)
+    if recipe.task is not None:
+        name = recipe.task.name
+        refuse_code(name, f"{path}: task.name", f"name it yourself: --task {name} (API: allow_code=True)", allow_code)
+    return recipe

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from lmctk.errors import ConfigError
-from lmctk.io import atomic_write_text, load_state, partial_dir
+from lmctk.io import load_state
+from lmctk.io.lock import locked
 from lmctk.soup.core import GreedyResult, RunningSum, greedy_soup
 from lmctk.soup.plan import SoupPlan, plan_soup
 from lmctk.soup.recipe import SoupRecipe
@@ -104,8 +105,6 @@ def soup_files(
         from lmctk.errors import OutputExistsError
 
         raise OutputExistsError(out)
-    if resume and not dry_run and not partial_dir(out).exists():  # before the (expensive) greedy selection
-        raise ConfigError(f"{partial_dir(out)}: no interrupted write to resume here; run without --resume")
     needs_task = spec.method == "greedy"
     if needs_task and recipe.task is None and _task_from_runs(paths) is None:
         raise ConfigError("--task: the greedy soup scores ingredients on a task's val split; e.g. --task digits")
@@ -118,9 +117,17 @@ def soup_files(
             resolve_task(recipe.task.name, recipe.task.options, paths)
         return SoupResult(plan, out, list(range(len(paths))), dry_run=True)
     assert out is not None
+    with locked(out):
+        return _cook(recipe, plan, paths, out, resume=resume, overwrite=overwrite, progress=progress)
+
+
+def _cook(recipe: SoupRecipe, plan: SoupPlan, paths: list[Path], out: Path, *, resume: bool, overwrite: bool,
+          progress: Callable[[str, int, int], None] | None) -> SoupResult:
+    """Select (greedy) and write the soup; scores go into the model card before the dir is committed."""
+    spec = recipe.soup
     align = _aligner(spec.align_to) if spec.align_to else None
     greedy = None
-    scorer = _scorer(recipe, paths) if (needs_task or recipe.task is not None) else None
+    scorer = _scorer(recipe, paths) if (spec.method == "greedy" or recipe.task is not None) else None
     if spec.method == "greedy":
         assert scorer is not None
         loaders = [_loader(p, align) for p in paths]
@@ -132,15 +139,18 @@ def soup_files(
     result = SoupResult(plan, out, kept, greedy, resumed=resume)
     selected = kept if spec.method == "greedy" else None
     card = model_card(plan, recipe.to_toml(), table=_greedy_table(result), kept=selected)
+
+    def finish(written: Path) -> dict[str, bytes]:
+        if scorer is None:
+            return {}
+        result.scores = _scores(scorer, plan, kept, written)
+        return {"README.md": model_card(plan, recipe.to_toml(), table=_all_tables(result), kept=selected).encode()}
+
+    options = {"overwrite": overwrite, "resume": resume, "progress": progress, "finish": finish}
     if align is None:
-        write_soup(plan, out, selected=selected, card=card,
-                   overwrite=overwrite, resume=resume, progress=progress)
+        write_soup(plan, out, selected=selected, card=card, **options)
     else:
-        _write_aligned(plan, out, [(_loader(paths[i], align), w) for i, w in plan.mix(selected)], card,
-                       overwrite=overwrite, resume=resume, progress=progress)
-    if scorer is not None:
-        result.scores = _scores(scorer, plan, kept, out)
-        atomic_write_text(out / "README.md", model_card(plan, recipe.to_toml(), table=_all_tables(result), kept=selected))
+        _write_aligned(plan, out, [(_loader(paths[i], align), w) for i, w in plan.mix(selected)], card, **options)
     return result
 
 

@@ -64,7 +64,7 @@ def write_soup(
 ) -> Path:
     """Stream the soup of `plan` (only the `selected` ingredients, uniformly, if given) into `out_dir`.
 
-    `kwargs` go to `stream_soup` (overwrite, resume, progress).
+    `kwargs` go to `stream_soup` (overwrite, resume, progress, finish).
     """
     mix = plan.mix(selected)
     readers = [TensorReader(plan.ingredients[i].path) for i, _ in mix]
@@ -82,8 +82,10 @@ def stream_soup(
     overwrite: bool = False,
     resume: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
+    finish: Callable[[Path], dict[str, bytes]] | None = None,
 ) -> Path:
-    """Write the tensors `produce(name)` gives for `plan.slots` as an HF dir, with config, tokenizer and card."""
+    """Write the tensors `produce(name)` gives for `plan.slots` as an HF dir, with config, tokenizer and card
+    (`finish`: see `stream_hf_dir`)."""
     files = _side_files(plan)
     if card is not None:
         files["README.md"] = card.encode("utf-8")
@@ -91,6 +93,7 @@ def stream_soup(
         out_dir, plan.slots, produce, shard_size=plan.shard_size, files=files,
         metadata={"lmctk": f"{plan.method} soup"}, overwrite=overwrite, resume=resume, progress=progress,
         inputs=[ing.path for ing in plan.ingredients],
+        finish=finish,
     )
 
 

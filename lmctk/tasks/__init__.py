@@ -1,4 +1,8 @@
-"""Tasks by name: built-ins `digits`, `synthetic`, `text`, `text-mlm`, and user tasks `module:function`."""
+"""Tasks by name: built-ins `digits`, `synthetic`, `text`, `text-mlm`, and user tasks `module:function`.
+
+A user task is code lmctk imports and calls, so only the user may name one (command line or API call):
+a task name read from a file (run manifest, recipe) passes `refuse_code` first, which admits built-ins.
+"""
 
 from __future__ import annotations
 
@@ -42,6 +46,8 @@ __all__ = [
     "evaluate",
     "forward",
     "get_task",
+    "names_code",
+    "refuse_code",
 ]
 
 
@@ -71,6 +77,21 @@ def _user_task(spec: str) -> Callable[..., Any]:
             f"task {spec!r}: module {module_name!r} has no function {function_name!r}; check the name"
         )
     return function
+
+
+def names_code(name: str) -> bool:
+    """Whether the task `name` is a user `module:function` (code to import) rather than a built-in."""
+    return name not in _BUILTINS and ":" in name
+
+
+def refuse_code(name: str, where: str, opt_in: str, allow_code: bool | str = False) -> None:
+    """Data never chooses code to run: refuse a `module:function` task read from a file (`where`).
+
+    `allow_code` is True, or the one `module:function` the user named; `opt_in` says how to name it.
+    """
+    if names_code(name) and allow_code is not True and allow_code != name:
+        raise ConfigError(f"{where}: task {name!r} is Python code named by a file, which lmctk does not run; "
+                          f"if you trust it, {opt_in}")
 
 
 def get_task(name: str, **options: Any) -> Task:

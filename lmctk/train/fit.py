@@ -12,8 +12,9 @@ from torch import nn
 
 from lmctk.errors import ConfigError, MissingPathError
 from lmctk.io import load_state
+from lmctk.io.lock import locked
 from lmctk.models import model_config
-from lmctk.rundir import RunDir, environment, timestamp
+from lmctk.rundir import MANIFEST, RunDir, environment, timestamp
 from lmctk.seeding import derive_seed
 from lmctk.tasks import Task, get_task
 from lmctk.train.config import TrainConfig
@@ -49,40 +50,6 @@ class TrainResult:
 ProgressFn = Callable[[int, int, dict[str, Any] | None], None]
 
 
-def _resumed(config: TrainConfig, out: Path) -> tuple[RunDir, Trainer, int | None]:
-    """The run at `out` and a trainer restored from its latest checkpoint (fresh if it has none)."""
-    run = RunDir.open(out)
-    saved = TrainConfig.from_dict(run.manifest()["config"])
-    if saved != config:
-        raise ConfigError(f"{out}: resume with a different config than the run's manifest; "
-                          "drop --resume or use the same options")
-    steps = run.checkpoint_steps()
-    if not steps:
-        return run, Trainer(config), None
-    task = get_task(config.task, **config.task_options)
-    trainer = Trainer(config, task=task, model=config_skeleton(config, task))
-    trainer.load_checkpoint(run.checkpoint_dir(steps[-1]))
-    return run, trainer, steps[-1]
-
-
-def _created(config: TrainConfig, out: Path, overwrite: bool) -> tuple[RunDir, Trainer]:
-    """A new run dir at `out` with its manifest, and a freshly initialised trainer."""
-    run = RunDir.create(out, overwrite=overwrite)
-    trainer = Trainer(config)
-    run.write_manifest({
-        "kind": "train",
-        "created": timestamp(),
-        "config": config.to_dict(),
-        "seed": config.seed,
-        "seeds": {"init": derive_seed(config.seed, "init"), "data": trainer.data_seed,
-                  "dropout": derive_seed(config.seed, "dropout")},
-        "model": model_config(config.model, trainer.task, **config.model_options),
-        "task": {"name": config.task, "options": config.task_options, "kind": trainer.task.kind},
-        "environment": environment(),
-    })
-    return run, trainer
-
-
 def fit(
     config: TrainConfig,
     out: str | Path,
@@ -98,11 +65,54 @@ def fit(
     """
     out = Path(out)
     start = time.perf_counter()
-    if resume and (out / "manifest.json").is_file():
-        run, trainer, resumed_from = _resumed(config, out)
-    else:
-        (run, trainer), resumed_from = _created(config, out, overwrite), None
+    with locked(out):
+        trainer, run, resumed_from = _begin(config, out, overwrite=overwrite, resume=resume)
+        final = _train(config, trainer, run, fresh=resumed_from is None, progress=progress)
+    return TrainResult(run.path, trainer.step, final, time.perf_counter() - start, resumed_from)
 
+
+def _begin(config: TrainConfig, out: Path, *, overwrite: bool, resume: bool) -> tuple[Trainer, RunDir, int | None]:
+    """The trainer and run dir to continue (`resume`) or start; the old run is replaced only once the
+    trainer (task, model, optimizer, init weights) is built, so a bad option destroys nothing.
+
+    A resumed journal keeps only the records up to the checkpoint resumed from: the steps after it are
+    redone and logged again, once.
+    """
+    if resume and (out / MANIFEST).is_file():
+        run = RunDir.open(out)
+        saved = TrainConfig.from_dict(run.manifest()["config"])
+        if saved != config:
+            raise ConfigError(f"{out}: resume with a different config than the run's manifest; "
+                              "drop --resume or use the same options")
+        steps = run.checkpoint_steps()
+        resumed_from = steps[-1] if steps else None
+        if resumed_from is None:
+            trainer = Trainer(config)
+        else:
+            task = get_task(config.task, **config.task_options)
+            trainer = Trainer(config, task=task, model=config_skeleton(config, task))
+            trainer.load_checkpoint(run.checkpoint_dir(resumed_from))
+        run.keep_records(lambda record: resumed_from is not None and record["step"] <= resumed_from)
+        return trainer, run, resumed_from
+    trainer = Trainer(config)
+    run = RunDir.create(out, overwrite=overwrite)
+    run.write_manifest({
+        "kind": "train",
+        "created": timestamp(),
+        "config": config.to_dict(),
+        "seed": config.seed,
+        "seeds": {"init": derive_seed(config.seed, "init"), "data": trainer.data_seed,
+                  "dropout": derive_seed(config.seed, "dropout")},
+        "model": model_config(config.model, trainer.task, **config.model_options),
+        "task": {"name": config.task, "options": config.task_options, "kind": trainer.task.kind},
+        "environment": environment(),
+    })
+    return trainer, run, None
+
+
+def _train(config: TrainConfig, trainer: Trainer, run: RunDir, *, fresh: bool,
+           progress: ProgressFn | None) -> dict[str, dict[str, float]]:
+    """Train to `config.steps`, evaluating and checkpointing on schedule; the final evaluation."""
     def log_eval() -> dict[str, Any]:
         record: dict[str, Any] = {"step": trainer.step}
         for split in ("train", "test"):
@@ -113,7 +123,7 @@ def fit(
 
     checkpoints = set(config.checkpoints)
     last = None
-    if trainer.step == 0:
+    if fresh:
         last = log_eval()
         if 0 in checkpoints:
             trainer.save_checkpoint(run.checkpoint_dir(0))
@@ -129,15 +139,19 @@ def fit(
 
     if last is None:  # resumed at the end: nothing was evaluated (the loop always evaluates its last step)
         last = {split: trainer.evaluate(split) for split in ("train", "test")}
-    final = {split: last[split] for split in ("train", "test")}
-    return TrainResult(run.path, trainer.step, final, time.perf_counter() - start, resumed_from)
+    return {split: last[split] for split in ("train", "test")}
 
 
-def load_run_model(path: str | Path, step: int | None = None) -> tuple[nn.Module, Task, TrainConfig]:
-    """Rebuild the model and task of a run dir and load the checkpoint at `step` (default: latest)."""
+def load_run_model(path: str | Path, step: int | None = None, *,
+                   allow_code: bool = False) -> tuple[nn.Module, Task, TrainConfig]:
+    """Rebuild the model and task of a run dir and load the checkpoint at `step` (default: latest).
+
+    A `module:function` task in the manifest is refused unless `allow_code` (see `RunDir.task`).
+    """
     run = RunDir.open(path)
     config = TrainConfig.from_dict(run.manifest()["config"])
-    task = get_task(config.task, **config.task_options)
+    name, options = run.task(allow_code)
+    task = get_task(name, **options)
     model = config_skeleton(config, task)
     steps = run.checkpoint_steps()
     if not steps:

@@ -29,8 +29,9 @@ from typing import Any, Literal
 from lmctk.dynamics.butterfly.perturb import PerturbConfig
 from lmctk.dynamics.butterfly.twins import MeasureConfig
 from lmctk.errors import ConfigError
-from lmctk.recipes import load_recipe
+from lmctk.recipes import load_recipe, override_keys
 from lmctk.seeding import derive_seed
+from lmctk.tasks import refuse_code
 from lmctk.train import TrainConfig
 
 Kind = Literal["gaussian", "batch", "data_order", "dropout"]
@@ -161,6 +162,14 @@ def independent_seed(recipe: ButterflyRecipe, replicate: int) -> int:
     return derive_seed(recipe.train.seed, "independent", replicate) % (2**31)
 
 
-def load_butterfly_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> ButterflyRecipe:
-    """Read a butterfly recipe strictly; `overrides` are `key.path=value` (TOML values) applied first."""
-    return load_recipe(path, ButterflyRecipe, overrides=overrides)
+def load_butterfly_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), *,
+                          allow_code: bool = False) -> ButterflyRecipe:
+    """Read a butterfly recipe strictly; `overrides` are `key.path=value` (TOML values) applied first.
+
+    A `module:function` train.task written in the file is refused unless `allow_code` or an override sets it.
+    """
+    recipe = load_recipe(path, ButterflyRecipe, overrides=overrides)
+    name = recipe.train.task
+    refuse_code(name, f"{path}: train.task", f"name it yourself: --set train.task={name} (API: allow_code=True)",
+                allow_code or "train.task" in override_keys(overrides))
+    return recipe

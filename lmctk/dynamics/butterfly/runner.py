@@ -15,7 +15,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,6 +39,7 @@ from lmctk.dynamics.butterfly.twins import (
 )
 from lmctk.errors import ConfigError
 from lmctk.io import atomic_write_json, load_state
+from lmctk.io.lock import locked
 from lmctk.rundir import RunDir, environment, read_journal, timestamp
 from lmctk.tasks import get_task
 from lmctk.train import (
@@ -97,8 +98,7 @@ def _open_run(recipe: ButterflyRecipe, out: Path, name: str, *, resume: bool, ov
             raise ConfigError(f"{out}: the recipe differs from the one this run started with; resume with the same "
                               "recipe and --set values, or start a new run without --resume")
         return run
-    fresh = resume and out.is_dir()  # resume of a run killed before its manifest was written: start over
-    run = RunDir.create(out, overwrite=overwrite or fresh)
+    run = RunDir.create(out, overwrite=overwrite)  # a dir killed before its manifest starts over by itself
     run.write_manifest({"kind": "butterfly", "name": name, "created": timestamp(), "recipe": recipe.to_dict(),
                         "seed": recipe.train.seed, "trials": ids, "environment": environment()})
     return run
@@ -204,28 +204,29 @@ def run_recipe(recipe: ButterflyRecipe, out: str | os.PathLike, *, name: str = "
     try:
         with distributed() as dist, deterministic(recipe.run.deterministic):
             task = get_task(recipe.train.task, **recipe.train.task_options)
-            if dist.rank == 0:
-                run = _open_run(recipe, out, name, resume=resume, overwrite=overwrite)
-                _prepare_parent(recipe, run, task, progress)
-            dist.barrier()
-            run = RunDir.open(out)
-            done = finished_trials(run)
-            mine = [t for i, t in enumerate(trials(recipe)) if i % dist.world == dist.rank and t.id not in done]
-            mine.sort(key=lambda trial: trial.t)  # trials are pure: by t, each parent is loaded once
-            init_std = init_stds(init_model(recipe.train, task))
-            cache: dict[str, Any] = {}
-            for trial in mine:
-                if progress:
-                    progress("trial_start", trial.to_dict())
-                result = _run_trial(trial, recipe, run, task, cache, progress, init_std)
-                record = {"type": "trial", "trial": trial.to_dict(), "result": result, "rank": dist.rank}
-                run.append(record)
-                if progress:
-                    progress("trial_done", {**trial.to_dict(), "final": result["final"],
-                                            "perturbation": result["perturbation"]})
-            dist.barrier()
-            if dist.rank == 0:
-                return report(out, plots=recipe.run.plots)
-            return None
+            init_std = init_stds(init_model(recipe.train, task))  # a bad model option fails before the run dir is touched
+            with locked(out) if dist.rank == 0 else nullcontext():  # rank 0 holds the run for the whole job
+                if dist.rank == 0:
+                    run = _open_run(recipe, out, name, resume=resume, overwrite=overwrite)
+                    _prepare_parent(recipe, run, task, progress)
+                dist.barrier()
+                run = RunDir.open(out)
+                done = finished_trials(run)
+                mine = [t for i, t in enumerate(trials(recipe)) if i % dist.world == dist.rank and t.id not in done]
+                mine.sort(key=lambda trial: trial.t)  # trials are pure: by t, each parent is loaded once
+                cache: dict[str, Any] = {}
+                for trial in mine:
+                    if progress:
+                        progress("trial_start", trial.to_dict())
+                    result = _run_trial(trial, recipe, run, task, cache, progress, init_std)
+                    record = {"type": "trial", "trial": trial.to_dict(), "result": result, "rank": dist.rank}
+                    run.append(record)
+                    if progress:
+                        progress("trial_done", {**trial.to_dict(), "final": result["final"],
+                                                "perturbation": result["perturbation"]})
+                dist.barrier()
+                if dist.rank == 0:
+                    return report(out, plots=recipe.run.plots)
+                return None
     finally:
         torch.set_num_threads(threads)

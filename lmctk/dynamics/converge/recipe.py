@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Literal
 
 from lmctk.errors import ConfigError
+from lmctk.io.lock import locked
 from lmctk.recipes import load_recipe
+from lmctk.tasks import refuse_code
 from lmctk.train import TrainConfig, fit, log_spaced_steps
 
 
@@ -36,9 +38,14 @@ class ConvergeRecipe:
     train: TrainConfig
 
 
-def load_converge_recipe(path: str | Path) -> ConvergeRecipe:
-    """Read a converge recipe strictly (unknown keys are errors naming the key path)."""
+def load_converge_recipe(path: str | Path, *, allow_code: bool | str = False) -> ConvergeRecipe:
+    """Read a converge recipe strictly (unknown keys are errors naming the key path).
+
+    A `module:function` train.task is refused unless `allow_code` is True or that name (the user's --task).
+    """
     recipe = load_recipe(path, ConvergeRecipe)
+    name = recipe.train.task
+    refuse_code(name, f"{path}: train.task", f"name it yourself: --task {name} (API: allow_code=True)", allow_code)
     if recipe.train.checkpoints != [recipe.train.steps]:
         raise ConfigError(f"{path}: train.checkpoints: leave it out; converge.log_checkpoints sets them")
     if recipe.converge.classes is not None:
@@ -54,11 +61,12 @@ def train_seeds(recipe: ConvergeRecipe, out: str | Path, *, overwrite: bool = Fa
     base = recipe.train.to_dict()
     base["checkpoints"] = log_spaced_steps(recipe.converge.log_checkpoints, recipe.train.steps)
     paths = []
-    for n, seed in enumerate(recipe.converge.seeds):
-        config = TrainConfig.from_dict({**base, "seed": seed})
-        path = out / f"seed{seed}"
-        fit(config, path, overwrite=overwrite, resume=not overwrite)
-        paths.append(path)
-        if progress:
-            progress(n + 1, len(recipe.converge.seeds))
+    with locked(out):
+        for n, seed in enumerate(recipe.converge.seeds):
+            config = TrainConfig.from_dict({**base, "seed": seed})
+            path = out / f"seed{seed}"
+            fit(config, path, overwrite=overwrite, resume=not overwrite)
+            paths.append(path)
+            if progress:
+                progress(n + 1, len(recipe.converge.seeds))
     return paths
