@@ -38,8 +38,8 @@ def align(
         save_aligned,
         weight_matching,
     )
-    from lmctk.io import LazyState, load_state, resolve_checkpoint
-    from lmctk.loading import load_model_state, model_config_of, resolve_task
+    from lmctk.io import resolve_checkpoint
+    from lmctk.loading import load_model_state, meta_skeleton, read_state, resolve_task
     from lmctk.metrics import distances
     from lmctk.spec import spec_for
     from lmctk.spec.preservation import output_difference
@@ -52,12 +52,13 @@ def align(
 
     model = None
     if stream:
-        spec = spec_for(model_config_of(a))
-        state_a, state_b = LazyState(a), LazyState(b)
+        skeleton = meta_skeleton(a)
+        spec = spec_for(skeleton)
+        state_a, state_b = read_state(a, skeleton, lazy=True), read_state(b, skeleton, lazy=True)
     else:
         the_task = resolve_task(task, parse_options(task_opt, "--task-opt"), [a]) if method == "activation" else None
         model, state_a, _ = load_model_state(a, the_task)
-        state_b = load_state(b)
+        state_b = read_state(b, model)
         spec = spec_for(model)
     if method == "weight":
         result = weight_matching(spec, state_a, state_b, max_iter=max_iter, seed=seed, lap_backend=lap_backend)
@@ -76,7 +77,7 @@ def align(
     table.add_row("B", f"{before['l2']:.4f}", f"{before['cosine']:.4f}")
     table.add_row("π(B)", f"{after['l2']:.4f}", f"{after['cosine']:.4f}")
     console.print(table)
-    check_error = output_difference(model, state_b, aligned) if model is not None else None
+    check_error = output_difference(model, dict(state_b), aligned) if model is not None else None
     if check_error is not None:
         console.print(f"π(B) computes the same function as B: max relative output difference {check_error:.2e}")
     if result.unpermuted:

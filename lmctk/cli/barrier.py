@@ -39,8 +39,7 @@ def barrier(
     Exits 3 when a pair is not linearly connected (a negative verdict), 0 when all are.
     """
     from lmctk.basin.barrier import DEFINITIONS, barrier_matrix, barrier_sweep
-    from lmctk.io import load_state
-    from lmctk.loading import load_model_state, resolve_task
+    from lmctk.loading import load_model_state, read_state, resolve_task
     from lmctk.render import line_plot, terminal_curve
     from lmctk.train import resolve_device
 
@@ -51,7 +50,7 @@ def barrier(
     refuse_existing([json_out, plot], overwrite)
     the_task = resolve_task(task, parse_options(task_opt, "--task-opt"), models)
     model, first, _ = load_model_state(models[0], the_task)  # one skeleton; the sweep checks the others' keys
-    states = [first] + [load_state(p) for p in models[1:]]
+    states = [first] + [dict(read_state(p, model)) for p in models[1:]]
     target = resolve_device(device)
     model = model.to(target)
     kwargs: dict[str, Any] = dict(points=points, align=align, renorm=renorm, split=split, device=target,
