@@ -200,3 +200,27 @@ def test_converge(saved, tmp_path):
     root = dirs[0].parent
     assert _run("converge", root / "r0", root / "r1", "--task", variant.task, *TEXT, "--probe", 4,
                 "--json", tmp_path / "c.json") == 0
+
+
+@pytest.mark.slow
+def test_stream_align_recovers_a_permuted_full_vocab_gpt2_and_soups_it(tmp_path):
+    """`benchmarks/bench_scale.py` reduced: GPT-2's 50257-token vocab on a narrow model (124M takes minutes
+    on 2 cores). B = π(A) saved by save_pretrained; align --stream must give back A bit for bit."""
+    import transformers
+
+    from lmctk.io import LazyState
+    from lmctk.spec import spec_for
+    from lmctk.spec.core import permute_state, random_perms
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64))
+    model.save_pretrained(tmp_path / "A")
+    spec = spec_for(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(permute_state(state, spec, random_perms(spec, torch.Generator().manual_seed(1), moving=True)))
+    model.save_pretrained(tmp_path / "B")
+    assert _run("align", tmp_path / "A", tmp_path / "B", "--stream", "--out", tmp_path / "al") == 0
+    a, aligned = LazyState(tmp_path / "A"), LazyState(tmp_path / "al")
+    assert a.keys() == aligned.keys() and all(torch.equal(a[k], aligned[k]) for k in a)
+    assert _run("soup", tmp_path / "A", tmp_path / "B", tmp_path / "al", "--out", tmp_path / "soup") == 0
+    _check_output(tmp_path / "soup", tmp_path / "A")
