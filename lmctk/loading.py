@@ -16,7 +16,14 @@ import torch
 from torch import nn
 
 from lmctk.errors import ConfigError, KeyMismatchError
-from lmctk.io import inspect_checkpoint, load_state, resolve_checkpoint
+from lmctk.io import (
+    KeyMap,
+    LazyState,
+    StateView,
+    inspect_checkpoint,
+    load_state,
+    resolve_checkpoint,
+)
 from lmctk.models import build_model
 from lmctk.models.hf import model_from_config
 from lmctk.rundir import RunDir
@@ -102,7 +109,7 @@ def checkpoint_skeleton(path: str | Path, task: Task | None = None) -> nn.Module
     config_file = resolve_checkpoint(path) / "config.json"
     if not config_file.is_file():
         raise ConfigError(
-            f"{path}: cannot rebuild a model to evaluate (no config.json, not an lmctk run dir); "
+            f"{path}: no config.json and not an lmctk run dir; cannot tell its architecture; "
             "give run dirs or Hugging Face model dirs"
         )
     import transformers
@@ -129,26 +136,41 @@ def resolve_task(task: str | Task | None, options: Mapping[str, Any] | None, pat
 
 
 def load_model_state(path: str | Path, task: Task | None = None) -> tuple[nn.Module, dict[str, torch.Tensor], Task | None]:
-    """(model skeleton, its state at `path`, the run's task or None) for any checkpoint path."""
+    """(model skeleton, its state at `path` under the model's keys, the run's task or None) for any checkpoint path."""
     if task is None:
         found = task_of(path)
         task = get_task(found[0], **found[1]) if found else None
     model = checkpoint_skeleton(path, task)
-    state = load_state(path)
+    state = dict(read_state(path, model))
     load_into(model, state, path)
     return model, state, task
 
 
-def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], where: object) -> None:
-    """Load `state` strictly, except that keys tied to a loaded one may be absent (an HF checkpoint
-    saved by `save_pretrained` omits `lm_head.weight` when it is the embedding)."""
-    missing, unexpected = model.load_state_dict(dict(state), strict=False)
+def meta_skeleton(path: str | Path) -> nn.Module:
+    """The checkpoint's architecture on the meta device (no weights made): for key maps and specs of large models."""
+    with torch.device("meta"):
+        return checkpoint_skeleton(path)
+
+
+def read_state(path: str | Path, model: nn.Module, *, lazy: bool = False, keys: KeyMap | None = None, **options: Any
+               ) -> StateView:
+    """The checkpoint at `path` under `model`'s state keys: the one reader for states that meet a model or a spec.
+
+    Renamed tensors get the model's names and tied aliases the file omits read from their stored member
+    (see `io.keys`); `lazy` reads tensors on access (LazyState). `options` go to `load_state`.
+    """
+    stored = LazyState(path, **options) if lazy else load_state(path, **options)
+    return (keys or KeyMap.of(model)).view(stored)
+
+
+def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], where: object, keys: KeyMap | None = None) -> None:
+    """Load `state` (stored names or model keys) strictly: every model key present once the key map has
+    renamed it and filled its tied aliases, and no tensor the model does not have."""
+    view = state if isinstance(state, StateView) else (keys or KeyMap.of(model)).view(state)
+    missing, unexpected = model.load_state_dict(dict(view), strict=False)
     if unexpected:
         raise KeyMismatchError(f"{where}: {len(unexpected)} tensors the model does not have "
                                f"(e.g. {unexpected[0]}); use checkpoints of one architecture")
-    params = dict(model.named_parameters(remove_duplicate=False))
-    loaded = {params[k].data_ptr() for k in state if k in params}
-    untied = [k for k in missing if k not in params or params[k].data_ptr() not in loaded]
-    if untied:
-        raise KeyMismatchError(f"{where}: checkpoint lacks {len(untied)} tensors (e.g. {untied[0]}); "
+    if missing:
+        raise KeyMismatchError(f"{where}: checkpoint lacks {len(missing)} tensors (e.g. {missing[0]}); "
                                "use checkpoints of one architecture")

@@ -193,7 +193,7 @@ def test_align_cli_writes_an_aligned_model_that_loads_and_matches_streaming(tmp_
     assert bad.returncode == 2 and "--method" in bad.stderr
 
 
-def test_load_model_state_accepts_a_save_pretrained_dir_without_the_tied_head(tmp_path):
+def test_load_model_state_fills_the_tied_head_a_save_pretrained_dir_omits(tmp_path):
     import transformers
 
     from lmctk.loading import load_model_state
@@ -202,5 +202,5 @@ def test_load_model_state_accepts_a_save_pretrained_dir_without_the_tied_head(tm
                                      bos_token_id=None, eos_token_id=None)
     transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "hf")
     model, state, task = load_model_state(tmp_path / "hf")
-    assert "lm_head.weight" not in state and task is None
+    assert state["lm_head.weight"] is state["transformer.wte.weight"] and task is None
     assert torch.equal(model.lm_head.weight, state["transformer.wte.weight"])

@@ -302,20 +302,20 @@ def save_aligned(
     shard_size: int | str = "2GB",
     overwrite: bool = False,
 ) -> Path:
-    """Write π(B) as an HF model dir, one tensor at a time (B may be a LazyState), with B's
-    `config.json` and tokenizer files copied from `source_dir`."""
-    from lmctk.io import TensorSlot, stream_hf_dir
+    """Write π(B) as an HF model dir, one tensor at a time (B may be a LazyState or a view of one), with B's
+    `config.json` and tokenizer files copied from `source_dir`. Tensors keep B's stored names; tied
+    aliases B's checkpoint omits are omitted again (`io.keys.stored_names`)."""
+    from lmctk.io import TensorSlot, stored_names, stream_hf_dir
     from lmctk.io.write import side_files
 
     perms = perms.perms if isinstance(perms, MatchResult) else perms
-    shapes = state_shapes(b)
-    slots = []
-    for name, shape in shapes.items():
-        dtype = b.dtypes[name] if hasattr(b, "dtypes") else b[name].dtype
-        slots.append(TensorSlot(name, tuple(shape), dtype))
+    shapes, names = state_shapes(b), stored_names(b)
+    dtypes = b.dtypes if hasattr(b, "dtypes") else {k: b[k].dtype for k in names}
+    slots = [TensorSlot(stored, tuple(shapes[key]), dtypes[key]) for key, stored in names.items()]
+    key_of = {stored: key for key, stored in names.items()}
     files = {f.name: f.read_bytes() for f in side_files(Path(source_dir))} if source_dir else {}
     view = PermutedView(spec, b, perms)
-    return stream_hf_dir(out_dir, slots, lambda name: view[name].contiguous(), shard_size=shard_size,
+    return stream_hf_dir(out_dir, slots, lambda name: view[key_of[name]].contiguous(), shard_size=shard_size,
                          files=files, overwrite=overwrite)
 
 

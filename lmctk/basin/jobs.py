@@ -29,8 +29,8 @@ from lmctk.basin.barrier import (
     barrier_sweep,
 )
 from lmctk.errors import ConfigError
-from lmctk.io import LazyState, load_state, resolve_checkpoint
-from lmctk.loading import load_model_state, model_config_of, resolve_task
+from lmctk.io import resolve_checkpoint
+from lmctk.loading import load_model_state, meta_skeleton, read_state, resolve_task
 from lmctk.metrics import distances
 from lmctk.render import line_plot, terminal_curve
 from lmctk.spec import spec_for
@@ -100,12 +100,13 @@ def align_checkpoints(
         raise ConfigError("--stream: only weight matching streams; drop --stream for activation matching")
     model, the_task = None, None
     if stream:
-        spec = spec_for(model_config_of(a))
-        state_a, state_b = LazyState(a), LazyState(b)
+        skeleton = meta_skeleton(a)
+        spec = spec_for(skeleton)
+        state_a, state_b = read_state(a, skeleton, lazy=True), read_state(b, skeleton, lazy=True)
     else:
         the_task = resolve_task(task, task_options, [a]) if method == "activation" else None
         model, state_a, _ = load_model_state(a, the_task)
-        state_b = load_state(b)
+        state_b = read_state(b, model)
         spec = spec_for(model)
     if method == "weight":
         match = weight_matching(spec, state_a, state_b, max_iter=max_iter, seed=seed, lap_backend=lap_backend)
@@ -115,7 +116,7 @@ def align_checkpoints(
     aligned = apply(spec, state_b, match) if not stream else PermutedView(spec, state_b, match.perms)
     keys = [k for k in spec.axes if k not in spec.buffers] + spec.unpermuted(state_a.keys())
     report = AlignReport(match, distances(state_a, state_b, keys), distances(state_a, aligned, keys),
-                         output_difference(model, state_b, aligned) if model is not None else None)
+                         output_difference(model, dict(state_b), aligned) if model is not None else None)
     if out is not None:
         report.written = save_aligned(spec, state_b, match, out, source_dir=resolve_checkpoint(b),
                                       overwrite=overwrite)
@@ -207,7 +208,7 @@ def barrier_checkpoints(
         raise ConfigError(f"--definition: unknown {definition!r}; choose one of {', '.join(DEFINITIONS)}")
     the_task = resolve_task(task, task_options, models)
     model, first, _ = load_model_state(models[0], the_task)  # one skeleton; the sweep checks the others' keys
-    states = [first] + [load_state(p) for p in models[1:]]
+    states = [first] + [dict(read_state(p, model)) for p in models[1:]]
     target = resolve_device(device)
     model: nn.Module = model.to(target)
     names = _names(models)

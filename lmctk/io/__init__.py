@@ -9,6 +9,7 @@ from lmctk.io.atomic import (
 from lmctk.io.compat import assert_same_keys, assert_same_shapes, check_compatible
 from lmctk.io.info import CheckpointInfo, TensorInfo, layer_prefix
 from lmctk.io.inspect import inspect_checkpoint
+from lmctk.io.keys import KeyMap, StateView, stored_names, tied_groups
 from lmctk.io.layout import resolve_checkpoint
 from lmctk.io.lazy import LazyState, state_device, state_shapes
 from lmctk.io.read import load_state
@@ -18,7 +19,9 @@ from lmctk.io.write import save_hf_dir, save_state
 
 __all__ = [
     "CheckpointInfo",
+    "KeyMap",
     "LazyState",
+    "StateView",
     "TensorInfo",
     "assert_same_keys",
     "assert_same_shapes",
@@ -37,7 +40,9 @@ __all__ = [
     "save_state",
     "state_device",
     "state_shapes",
+    "stored_names",
     "stream_hf_dir",
+    "tied_groups",
     "TensorSlot",
     "partial_dir",
 ]

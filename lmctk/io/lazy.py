@@ -81,14 +81,14 @@ class LazyState(Mapping[str, torch.Tensor]):
 
 
 def state_shapes(state: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Shapes of a state's tensors, from headers for a LazyState (no tensor is read)."""
-    if isinstance(state, LazyState):
+    """Shapes of a state's tensors, from headers for a LazyState or a view of one (no tensor is read)."""
+    if isinstance(getattr(state, "shapes", None), Mapping):
         return dict(state.shapes)
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
 def state_device(state: Mapping[str, Any]) -> torch.device:
-    """The device a state's tensors live on (a LazyState's target device)."""
-    if isinstance(state, LazyState):
+    """The device a state's tensors live on (a LazyState's, or a view's, target device)."""
+    if isinstance(getattr(state, "device", None), torch.device):
         return state.device
     return next(iter(state.values())).device

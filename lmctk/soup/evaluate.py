@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from lmctk.errors import ConfigError
-from lmctk.loading import checkpoint_skeleton
+from lmctk.io import KeyMap
+from lmctk.loading import checkpoint_skeleton, load_into
 from lmctk.tasks import Task, evaluate
 
 METRICS = ("accuracy", "loss")
@@ -37,6 +38,7 @@ class Scorer:
             raise ConfigError(f"metric: unknown {self.metric!r}; choose one of {', '.join(METRICS)}")
         if self.split == "test":
             raise ConfigError("split: the held-out selection split must not be 'test'; use 'val'")
+        self.keys = KeyMap.of(self.model)
 
     @classmethod
     def for_checkpoint(cls, path: str | Path, task: Task, metric: str = "loss") -> Scorer:
@@ -45,7 +47,7 @@ class Scorer:
 
     def metrics(self, state: Mapping[str, torch.Tensor], split: str) -> dict[str, float]:
         """Loss, accuracy and count of `state` on `split`."""
-        self.model.load_state_dict(dict(state), strict=True)
+        load_into(self.model, state, "soup state", self.keys)
         return evaluate(self.model, self.task, split)
 
     def value(self, metrics: Mapping[str, float]) -> float:

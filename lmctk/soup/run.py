@@ -177,12 +177,12 @@ def _loader(path: Path, align):
     return load
 
 
-def _align_spec(reference: Path):
+def _align_spec(reference: Path | torch.nn.Module):
     """The permutation spec of the reference checkpoint's architecture (from its config, no weights read)."""
-    from lmctk.loading import model_config_of
+    from lmctk.loading import meta_skeleton
     from lmctk.spec import spec_for
 
-    return spec_for(model_config_of(reference))
+    return spec_for(reference if isinstance(reference, torch.nn.Module) else meta_skeleton(reference))
 
 
 def _aligner(reference: str):
@@ -192,19 +192,24 @@ def _aligner(reference: str):
     the write) only re-applies them.
     """
     from lmctk.basin.align import apply, weight_matching
+    from lmctk.io import KeyMap, stored_names
+    from lmctk.loading import meta_skeleton
 
     ref_path = Path(reference).resolve()
-    spec = _align_spec(ref_path)
-    ref_state = {k: v.float() for k, v in load_state(ref_path).items()}
+    skeleton = meta_skeleton(ref_path)
+    spec, keys = _align_spec(skeleton), KeyMap.of(skeleton)
+    ref_state = {k: v.float() for k, v in keys.view(load_state(ref_path)).items()}
     perms: dict[Path, Any] = {}
 
     def align(path: Path, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         key = path.resolve()
         if key == ref_path:
             return state
+        view = keys.view(state)
         if key not in perms:
-            perms[key] = weight_matching(spec, ref_state, {k: v.float() for k, v in state.items()}).perms
-        return apply(spec, state, perms[key])
+            perms[key] = weight_matching(spec, ref_state, {k: v.float() for k, v in view.items()}).perms
+        permuted = apply(spec, view, perms[key])
+        return {stored: permuted[k] for k, stored in stored_names(view).items()}  # back to the stored names
 
     return align
 

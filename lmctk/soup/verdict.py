@@ -5,13 +5,17 @@ Evidence: pairwise loss barriers on the held-out split (midpoint: L(θ(½)) − 
 cosines against `base`, and uniform soup vs greedy soup vs the best single model on val and test.
 Soupable iff every barrier is at most `threshold`, the uniform soup's val loss is at most the best
 ingredient's plus `threshold` (one basin, and averaging costs nothing on held-out data), and the
-checkpoints share an initialisation (weight cosine ≥ 0.5, with the base when given). The states are held in memory (N models): this is an analysis tool.
+checkpoints share an initialisation (weight cosine ≥ 0.5, with the base when given).
+
+Memory is flat in N: states are read from the files one at a time (own scores, soups as running sums)
+or two at a time (pairs: barrier and dot product; cosines come from the dot products), with the
+scorer's model and one working copy of it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +25,9 @@ import torch
 from lmctk.basin.barrier import barriers
 from lmctk.basin.path import alpha_grid, evaluate_path
 from lmctk.errors import ConfigError
-from lmctk.io import assert_same_shapes, load_state
-from lmctk.loading import resolve_task
-from lmctk.metrics import distances
-from lmctk.soup.core import GreedyResult, greedy_soup, uniform_soup
+from lmctk.io import StateView, check_compatible, inspect_checkpoint, stored_names
+from lmctk.loading import read_state, resolve_task
+from lmctk.soup.core import GreedyResult, RunningSum, greedy_soup
 from lmctk.soup.evaluate import Scorer
 
 SHARED_INIT_COSINE = 0.5  # weight cosine below which two checkpoints are taken to come from different inits
@@ -117,37 +120,28 @@ def soupable(
     task = resolve_task(task, task_options, paths)
     scorer = Scorer.for_checkpoint(paths[0], task, metric)
     names = [str(p) for p in paths]
-    states = [load_state(p, dtype=torch.float32) for p in paths]
-    for i, state in enumerate(states[1:], start=2):
-        assert_same_shapes(states[0], state, names[0], names[i - 1])
-    own = [{s: scorer.metrics(state, s) for s in ("val", "test")} for state in states]
-    barriers = {}
-    for i in range(len(states)):
-        for j in range(i + 1, len(states)):
-            barriers[f"{i + 1}-{j + 1}"] = _barrier(scorer, states[i], states[j], own[i]["val"]["loss"], own[j]["val"]["loss"], points)
-    weight_cos = _cosines(states, matrices_only=True)
-    task_cos, notes = None, []
-    if base is not None:
-        base_state = load_state(base, dtype=torch.float32)
-        assert_same_shapes(states[0], base_state, names[0], str(base))
-        task_cos = _cosines([{k: s[k] - base_state[k] for k in _floats(s)} for s in states])
-        base_cos = _cosines([base_state, *states], matrices_only=True)[0][1:]
-        shared = all(c >= SHARED_INIT_COSINE for c in base_cos)
-        notes.append("weight cosine with the base: " + ", ".join(f"{i + 1}: {c:.3f}" for i, c in enumerate(base_cos)))
-    else:
-        shared = all(weight_cos[i][j] >= SHARED_INIT_COSINE for i in range(len(states)) for j in range(i + 1, len(states)))
-        notes.append("no --base: task-vector cosines need the common base checkpoint")
-    uniform = uniform_soup(states)
-    greedy = greedy_soup(states, scorer.score, names=names, scores=[scorer.value(m["val"]) for m in own],
-                         tolerance=tolerance, metric=f"val {scorer.metric}")
-    models = {f"{i + 1}": own[i] for i in range(len(states))}
-    models["uniform soup"] = {s: scorer.metrics(uniform, s) for s in ("val", "test")}
-    assert greedy.state is not None
-    models["greedy soup"] = {s: scorer.metrics(greedy.state, s) for s in ("val", "test")}
-    best = max(range(len(states)), key=lambda i: (scorer.value(own[i]["val"]), -i))
-    soup_ok, explanation = _explain(scorer, barriers, threshold, greedy, models, best, len(states))
+    check_compatible([inspect_checkpoint(p) for p in [*paths, *([base] if base is not None else [])]])
+    n = len(paths)
+
+    def load(path: str | Path) -> StateView:
+        return read_state(path, scorer.model, keys=scorer.keys, dtype=torch.float32)
+
+    base_state = load(base) if base is not None else None
+    gram, own, base_dots, barriers = _scan(paths, load, scorer, points, base_state)
+    weight_cos = gram.cosines(matrices_only=True)
+    shared, task_cos, notes = _shared_init(gram, base_state, base_dots, weight_cos)
+    del base_state
+    greedy = greedy_soup([lambda p=p: load(p) for p in paths], scorer.score, names=names,
+                         scores=[scorer.value(m["val"]) for m in own], tolerance=tolerance,
+                         metric=f"val {scorer.metric}", keep_state=False)
+    models = {f"{i + 1}": own[i] for i in range(n)}
+    for label, kept in (("uniform soup", range(n)), ("greedy soup", greedy.kept)):
+        soup = _mean(load(paths[i]) for i in kept)  # one ingredient at a time into the running sum
+        models[label] = {s: scorer.metrics(soup, s) for s in ("val", "test")}
+        del soup
+    best = max(range(n), key=lambda i: (scorer.value(own[i]["val"]), -i))
+    soup_ok, explanation = _explain(scorer, barriers, threshold, greedy, models, best, n)
     if soup_ok and not shared:
-        n = len(states)
         i, j = min(((i, j) for i in range(n) for j in range(i + 1, n)), key=lambda p: weight_cos[p[0]][p[1]])
         soup_ok, explanation = False, (
             f"not soupable: ingredients {i + 1} and {j + 1} do not share an initialisation (weight cosine "
@@ -157,8 +151,42 @@ def soupable(
                    models, greedy, notes)
 
 
-def _floats(state: State) -> list[str]:
-    return [k for k, v in state.items() if v.is_floating_point()]
+def _scan(paths: Sequence[str | Path], load, scorer: Scorer, points: int | None, base_state: State | None):
+    """One state at a time: own scores and the dot products with the base; then two at a time: the
+    pairs' barriers and dot products. Never more than two ingredients in memory."""
+    n = len(paths)
+    gram, own, base_dots, barriers = _Gram(n), [], [], {}
+    for i, path in enumerate(paths):
+        state = load(path)
+        own.append({s: scorer.metrics(state, s) for s in ("val", "test")})
+        gram.add(i, i, state, state)
+        if base_state is not None:
+            base_dots.append(_dots(state, base_state, gram.keys(state)))
+        del state
+    for i in range(n - 1):
+        a = load(paths[i])
+        for j in range(i + 1, n):
+            b = load(paths[j])
+            barriers[f"{i + 1}-{j + 1}"] = _barrier(scorer, a, b, own[i]["val"]["loss"], own[j]["val"]["loss"], points)
+            gram.add(i, j, a, b)
+            del b
+        del a
+    return gram, own, base_dots, barriers
+
+
+def _shared_init(gram: _Gram, base_state: State | None, base_dots: list[dict[str, float]],
+                 weight_cos: list[list[float]]) -> tuple[bool, list[list[float]] | None, list[str]]:
+    """Whether the ingredients share an initialisation (cosine with the base, else with each other),
+    the task-vector cosines when the base is known, and notes saying which evidence was used."""
+    n = len(weight_cos)
+    if base_state is None:
+        shared = all(weight_cos[i][j] >= SHARED_INIT_COSINE for i in range(n) for j in range(i + 1, n))
+        return shared, None, ["no --base: task-vector cosines need the common base checkpoint"]
+    self_dots = _dots(base_state, base_state, gram.keys(base_state))
+    base_cos = [d["matrices"] / max((gram.dot[i][i]["matrices"] * self_dots["matrices"]) ** 0.5, 1e-300)
+                for i, d in enumerate(base_dots)]
+    notes = ["weight cosine with the base: " + ", ".join(f"{i + 1}: {c:.3f}" for i, c in enumerate(base_cos))]
+    return all(c >= SHARED_INIT_COSINE for c in base_cos), gram.task_cosines(base_dots, self_dots), notes
 
 
 def _barrier(scorer: Scorer, a: State, b: State, loss_a: float, loss_b: float, points: int | None) -> dict[str, float]:
@@ -175,21 +203,58 @@ def _barrier(scorer: Scorer, a: State, b: State, loss_a: float, loss_b: float, p
     return out
 
 
-def _cosines(states: Sequence[State], matrices_only: bool = False) -> list[list[float]]:
-    """Pairwise cosine similarity of the flattened float tensors (or only those with 2+ dims), per pair.
+def _mean(states: Iterable[State]) -> dict[str, torch.Tensor]:
+    soup = RunningSum()
+    for state in states:
+        soup.add(state)
+        del state
+    return soup.mean()
 
-    The shared-init check uses matrices only: norm gains (all ones at init) and biases would make
-    two independent inits look alike.
+
+DOT_CHUNK = 1 << 20  # elements per float64 product: bounded scratch memory whatever the tensor
+
+
+def _dots(a: State, b: State, keys: Sequence[str]) -> dict[str, float]:
+    """<a, b> in float64 over the float `keys` ("all") and over those with 2+ dims ("matrices").
+
+    Matrices only for the shared-init check: norm gains (all ones at init) and biases would make two
+    independent inits look alike.
     """
-    keys = _floats(states[0])
-    if matrices_only and any(states[0][k].ndim >= 2 for k in keys):
-        keys = [k for k in keys if states[0][k].ndim >= 2]
-    n = len(states)
-    out = [[1.0] * n for _ in range(n)]
-    for i in range(n):
-        for j in range(i + 1, n):
-            out[i][j] = out[j][i] = distances(states[i], states[j], keys)["cosine"]
+    out = {"all": 0.0, "matrices": 0.0}
+    for k in keys:
+        x, y = a[k].reshape(-1), b[k].reshape(-1)
+        d = sum(float(torch.dot(x[s:s + DOT_CHUNK].double(), y[s:s + DOT_CHUNK].double()))
+                for s in range(0, x.numel(), DOT_CHUNK))
+        out["all"] += d
+        if a[k].ndim >= 2:
+            out["matrices"] += d
     return out
+
+
+class _Gram:
+    """Pairwise dot products of N states, filled two states at a time; cosines follow from them."""
+
+    def __init__(self, n: int) -> None:
+        self.dot: list[list[dict[str, float]]] = [[{} for _ in range(n)] for _ in range(n)]
+
+    @staticmethod
+    def keys(state: State) -> list[str]:
+        """Float tensors the checkpoint stores (tied aliases once)."""
+        return [k for k in stored_names(state) if state[k].is_floating_point()]
+
+    def add(self, i: int, j: int, a: State, b: State) -> None:
+        self.dot[i][j] = self.dot[j][i] = _dots(a, b, self.keys(a))
+
+    def cosines(self, matrices_only: bool = False) -> list[list[float]]:
+        part = "matrices" if matrices_only and any(self.dot[i][i]["matrices"] for i in range(len(self.dot))) else "all"
+        g = [[d[part] for d in row] for row in self.dot]
+        return [[g[i][j] / max((g[i][i] * g[j][j]) ** 0.5, 1e-300) for j in range(len(g))] for i in range(len(g))]
+
+    def task_cosines(self, base: list[dict[str, float]], base_self: dict[str, float]) -> list[list[float]]:
+        """Cosines of θᵢ − β from <θᵢ,θⱼ>, <θᵢ,β> and <β,β> (float64 sums)."""
+        n = len(self.dot)
+        t = [[self.dot[i][j]["all"] - base[i]["all"] - base[j]["all"] + base_self["all"] for j in range(n)] for i in range(n)]
+        return [[t[i][j] / max((t[i][i] * t[j][j]) ** 0.5, 1e-300) for j in range(n)] for i in range(n)]
 
 
 def _explain(scorer: Scorer, barriers, threshold, greedy: GreedyResult, models, best: int,

@@ -125,14 +125,15 @@ class PermutationSpec:
         return out
 
     def validate(self, shapes: Mapping[str, Iterable[int]]) -> None:
-        """Check every spec'd tensor exists with axis sizes that match its layout."""
-        missing = [k for k in list(self.axes) + list(self.tied) if k not in shapes]
+        """Check every spec'd tensor exists with axis sizes that match its layout (a tied alias may be absent:
+        checkpoints store one member of a tie, and `io.keys` reads the others from it)."""
+        missing = [k for k in self.axes if k not in shapes]
         if missing:
             raise KeyMismatchError(
                 f"the state lacks {len(missing)} tensor(s) that spec {self.name} permutes "
                 f"(e.g. {', '.join(missing[:3])}); use the spec of the checkpoint's own architecture"
             )
-        for key in list(self.axes) + list(self.tied):
+        for key in [*self.axes, *(k for k in self.tied if k in shapes)]:
             shape = tuple(shapes[key])
             axes = self.layout_of(key)
             if len(axes) != len(shape):

@@ -17,11 +17,12 @@ parameter identity) is one `axes` entry plus `tied` aliases.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 from torch import nn
 
 from lmctk.errors import ConfigError
+from lmctk.io.keys import tied_groups
 from lmctk.spec.core import Axes, Cat, Fixed, Layout, PermutationSpec, Prod
 from lmctk.spec.registry import register
 
@@ -82,7 +83,7 @@ def _assemble(model: nn.Module, name: str, width: int, body: Entries, layers: It
         )
     axes = {k: declared[k] for k in state if any(a is not None for a in declared[k])}
     tied: dict[str, str] = {}
-    for keys in _shared_storage(model, state):
+    for keys in tied_groups(model):
         if any(k in axes for k in keys):
             if len({declared[k] for k in keys}) != 1:
                 raise ConfigError(f"spec {name}: tied tensors {', '.join(keys)} have different layouts")
@@ -92,15 +93,6 @@ def _assemble(model: nn.Module, name: str, width: int, body: Entries, layers: It
     spec = PermutationSpec(groups, axes, tied, name=name, blocks=blocks)
     spec.validate({k: v.shape for k, v in state.items()})
     return spec
-
-
-def _shared_storage(model: nn.Module, state: Mapping[str, object]) -> list[list[str]]:
-    """State keys that name one parameter object (tied weights), each list in state_dict order."""
-    order = {k: i for i, k in enumerate(state)}
-    by_id: dict[int, list[str]] = {}
-    for key, param in model.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(param), []).append(key)
-    return [sorted(keys, key=lambda k: order.get(k, len(order))) for keys in by_id.values() if len(keys) > 1]
 
 
 def _head_dim(config) -> int:

@@ -20,6 +20,7 @@ from torch import nn
 
 from lmctk.errors import CorruptCheckpointError, MissingPathError
 from lmctk.io import assert_same_shapes, load_state, save_hf_dir
+from lmctk.loading import load_into, read_state
 from lmctk.models import build_model
 from lmctk.seeding import derive_seed
 from lmctk.tasks import Task, get_task
@@ -38,10 +39,9 @@ def init_model(config: TrainConfig, task: Task | None = None) -> nn.Module:
         torch.default_generator.manual_seed(derive_seed(config.seed, "init"))
         model = build_model(config.model, task, **config.model_options)
     if config.init_from is not None:
-        own = model.state_dict()
-        loaded = load_state(config.init_from)
-        assert_same_shapes(own, loaded, "the configured model", str(config.init_from))
-        model.load_state_dict(loaded)
+        loaded = read_state(config.init_from, model)
+        assert_same_shapes(model.state_dict(), loaded, "the configured model", str(config.init_from))
+        load_into(model, loaded, config.init_from)
     return model
 
 
