@@ -105,6 +105,7 @@ def _value(value: Any) -> str:
     raise ConfigError(f"recipe: cannot write {value!r} as TOML")
 
 
-def load_soup_recipe(path: str | os.PathLike) -> SoupRecipe:
-    """Read a soup recipe strictly: unknown keys and wrong types are errors naming the key path."""
-    return load_recipe(path, SoupRecipe)
+def load_soup_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> SoupRecipe:
+    """Read a soup recipe strictly: unknown keys and wrong types are errors naming the key path;
+    `overrides` are `key.path=value` strings (`--set`) applied first."""
+    return load_recipe(path, SoupRecipe, overrides=overrides)

@@ -50,7 +50,7 @@ from lmctk.train import (
 )
 
 REPORT = "report.json"
-# progress(event, info): "preflight", "parent", "trial_start", "measure", "trial_done"
+# progress(event, info): "preflight", "parent", "trials" ({"todo": n}), "trial_start", "measure", "trial_done"
 Progress = Callable[[str, dict[str, Any]], None]
 
 
@@ -214,6 +214,8 @@ def run_recipe(recipe: ButterflyRecipe, out: str | os.PathLike, *, name: str = "
             mine.sort(key=lambda trial: trial.t)  # trials are pure: by t, each parent is loaded once
             init_std = init_stds(init_model(recipe.train, task))
             cache: dict[str, Any] = {}
+            if progress:
+                progress("trials", {"todo": len(mine)})
             for trial in mine:
                 if progress:
                     progress("trial_start", trial.to_dict())

@@ -36,9 +36,10 @@ class ConvergeRecipe:
     train: TrainConfig
 
 
-def load_converge_recipe(path: str | Path) -> ConvergeRecipe:
-    """Read a converge recipe strictly (unknown keys are errors naming the key path)."""
-    recipe = load_recipe(path, ConvergeRecipe)
+def load_converge_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ConvergeRecipe:
+    """Read a converge recipe strictly (unknown keys are errors naming the key path); `overrides` are
+    `key.path=value` strings (`--set`) applied first."""
+    recipe = load_recipe(path, ConvergeRecipe, overrides=overrides)
     if recipe.train.checkpoints != [recipe.train.steps]:
         raise ConfigError(f"{path}: train.checkpoints: leave it out; converge.log_checkpoints sets them")
     if recipe.converge.classes is not None:
