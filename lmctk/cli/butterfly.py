@@ -22,10 +22,11 @@ def _trial_line(info: dict, analysis: Any) -> str:
 
     final, norm = info["final"], info["perturbation"].get("norm")
     value = final_value(final, analysis.metric, analysis.definition, analysis.path)
-    eps = f"‖ε‖ {norm:<7.3g} " if norm is not None else ""
+    eps = f"‖ε‖ {norm:<6.3g} " if norm is not None else ""
+    path = "aligned " if analysis.path == "aligned" else ""
     barrier = "—" if value is None else f"{value:.4f}"
-    return (f"{info['id']:<22} {eps}L2 {final['l2']:<7.4g} {analysis.path} {analysis.metric} barrier {barrier}"
-            f"  disagree {final.get('disagreement', 0):.3f}")
+    return (f"{info['id']:<21} {eps}L2 {final['l2']:<7.4g} {path}{analysis.metric} barrier {barrier}"
+            f"  disagr. {final.get('disagreement', 0):.3f}")
 
 
 def butterfly(
