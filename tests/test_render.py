@@ -56,3 +56,64 @@ def test_progress_counts_bytes_and_minutes():
         clock.now = 75.0
         bar.update(3 * 2**20, 6 * 2**20, "model.layers.0.weight")
     assert buffer.getvalue().strip() == "soup  3.0 MiB/6.0 MiB  (50%)  elapsed 1m15s  ETA 1m15s  model.layers.0.weight"
+
+
+def _render(renderable, width: int) -> list[str]:
+    console = Console(width=width, record=True, file=io.StringIO())
+    console.print(renderable)
+    return console.export_text().splitlines()
+
+
+def test_short_path_keeps_the_first_and_last_parts():
+    from lmctk.render.text import short_path
+
+    assert short_path("runs/ft3") == "runs/ft3"
+    assert short_path("runs/sweeps/2024/a-long-experiment-name/ft3", 24) == "runs/…/ft3"
+    assert len(short_path("x" * 60, 28)) == 28
+
+
+def _butterfly_report():
+    from lmctk.dynamics.butterfly.report import ButterflyReport
+
+    scales = [0.0, 0.01, 0.1, 1.0, 3.0]
+    cell = {"mean": 0.1234, "std": 0.0, "n": 2}
+    table = {"gaussian": {t: {s: cell for s in scales} for t in (0, 10, 200)},
+             "data_order": {t: {0.0: cell, 1.0: cell} for t in (0, 10, 200)}}
+    phase = {"label": "transition", "sigma_star": 1.5, "how": "fit", "range": [0.01, 3.0], "target": 0.2}
+    return ButterflyReport(
+        name="butterfly-digits-mlp", trials_total=40, trials_done=40,
+        analysis={"metric": "error", "definition": "mean_endpoint", "path": "raw", "threshold": 0.5},
+        reference={"mean": 0.4, "values": [0.4, 0.4]}, table=table,
+        phases={kind: {t: phase for t in (0, 10, 200)} for kind in table}, curves={},
+        determinism={"status": "ok", "message": "preflight: zero-perturbation twins bitwise identical for 5 steps"})
+
+
+def test_butterfly_report_fits_80_columns_and_names_on_off_columns():
+    for width in (80, 160):
+        lines = _render(_butterfly_report(), width)
+        assert max(len(line) for line in lines) <= width
+    text = "\n".join(_render(_butterfly_report(), 80))
+    assert "another data order" in text and "control" in text and "σ=1 " not in text.split("data_order")[1]
+    assert "raw error barrier" in text
+
+
+def test_soup_plan_fits_80_columns_with_paths_shortened_from_the_middle(tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    from lmctk.recipes import parse
+    from lmctk.soup import SoupRecipe, soup_files
+
+    deep = tmp_path / "runs" / "sweeps" / "2024" / "a-long-experiment-name"
+    deep.mkdir(parents=True)
+    paths = []
+    for i in range(3):
+        (deep / f"ft{i}").mkdir()
+        save_file({"w": torch.zeros(4, 4)}, str(deep / f"ft{i}" / "model.safetensors"))
+        paths.append(str(deep / f"ft{i}"))
+    recipe = parse({"soup": {"ingredients": [{"path": p} for p in paths]}, "task": None}, SoupRecipe)
+    result = soup_files(recipe, dry_run=True)
+    for width in (80, 160):
+        lines = _render(result, width)
+        assert max(len(line) for line in lines) <= width
+        assert any("/…/ft0 " in line for line in lines)  # one piece, not folded over lines
