@@ -56,15 +56,13 @@ def override_keys(overrides: typing.Sequence[str]) -> set[str]:
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
-    """Set `a.b.c=value` in nested TOML data in place; the value is TOML (`3`, `[1, 2]`, `"x"`) or a bare string."""
+    """Set `a.b.c=value` in nested TOML data in place (`--set`). The value is TOML (`3`, `[1, 2]`, `"x"`),
+    a comma list of such values (`0,10,100`, `gaussian,batch`; `5,` is a one-item list) or a bare string."""
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"--set {item!r}: expected key.path=value (e.g. sweep.replicates=2)")
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
+    value = _override_value(raw.strip())
     *parents, last = key.split(".")
     node = data
     for i, part in enumerate(parents):
@@ -73,6 +71,15 @@ def apply_override(data: dict[str, Any], item: str) -> None:
             raise ConfigError(f"--set {key}: {'.'.join(parents[:i + 1])} is not a table")
         node = child
     node[last] = value
+
+
+def _override_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        if "," in raw:
+            return [_override_value(part.strip()) for part in raw.split(",") if part.strip()]
+        return raw
 
 
 def parse(value: Any, schema: Any, where: str = "") -> Any:

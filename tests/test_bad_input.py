@@ -231,6 +231,7 @@ def test_resume_over_a_changed_ingredient_is_refused(tmp_path, capsys, monkeypat
     with monkeypatch.context() as m:  # killed after the plan is journalled, before any shard is done
         m.setattr("lmctk.io.stream._write_tensor", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
         assert main(args) == 130
+    assert "interrupted; resume with: lmctk soup" in capsys.readouterr().err
     _st(tmp_path / "b.safetensors", w=torch.full((2,), 5.0))  # same size and header: only mtime and bytes differ
     code = main([*args, "--resume"])
     _one_line(capsys, code, "b.safetensors: input changed since the interrupted write")

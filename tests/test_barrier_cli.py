@@ -21,7 +21,7 @@ def runs(tmp_path_factory):
 
 
 def test_barrier_prints_table_curve_barriers_and_verdict(runs, tmp_path, capsys):
-    out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
+    out_json, out_png = tmp_path / "b.json", tmp_path / "plots"
     code = main(["barrier", str(runs / "seed0"), str(runs / "seed1"), "--align", "weight", "--points", "5",
                  "--threshold", "10", "--json", str(out_json), "--plot", str(out_png)])
     out = capsys.readouterr().out
@@ -33,7 +33,7 @@ def test_barrier_prints_table_curve_barriers_and_verdict(runs, tmp_path, capsys)
     assert set(data["barriers"]["loss"]) == {"mean_endpoint", "linear"}
     assert data["aligned"]["barriers"]["error"]["linear"] is not None
     assert data["verdict"]["pairs"][0]["connected"] is True
-    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out_png / "barrier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_barrier_refuses_existing_outputs_without_overwrite(runs, tmp_path, capsys):

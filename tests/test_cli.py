@@ -29,7 +29,7 @@ def test_train_then_inspect_run_dir(tmp_path):
     proc = run_cli("train", "--task", "digits", "--model", "mlp", "--seed", "0", "--steps", "60",
                    "--out", str(out), "--checkpoints", "0,30", "--quiet", "--json", str(tmp_path / "r.json"))
     assert proc.returncode == 0, proc.stderr
-    assert "step 60/60" in proc.stdout
+    assert "trained 60 steps" in proc.stdout and "step 30/60" not in proc.stdout  # --quiet: no progress
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["steps"] == 60 and result["final"]["test"]["accuracy"] > 0.5
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step00000000", "step00000030", "step00000060"]
@@ -76,3 +76,64 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, needle):
 def test_debug_shows_the_traceback(tmp_path):
     proc = run_cli("--debug", "inspect", str(tmp_path / "nope"))
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["trian"], "No such command 'trian'"),
+        (["run", "R.toml", "--bogus"], "No such option: --bogus"),
+        (["barrier", "a", "b", "--points", "abc"], "Invalid value for '--points'"),
+        (["align", "runs/a"], "Missing argument 'B'"),
+    ],
+)
+def test_usage_errors_exit_2_with_message_and_usage_line(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"Error: {message}" in err
+    assert err.lstrip().startswith("Usage: lmctk")
+
+
+def test_debug_is_accepted_after_the_command(tmp_path):
+    proc = run_cli("inspect", str(tmp_path / "nope"), "--debug")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "No such option" not in proc.stderr
+
+
+def test_flags_show_no_bool_metavar_in_help(capsys):
+    assert main(["barrier", "--help"]) == 0
+    assert "<bool>" not in capsys.readouterr().out
+
+
+def test_ctrl_c_names_the_resume_command(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("lmctk.train.fit", interrupted)
+    out = tmp_path / "r"
+    assert main(["train", "--steps", "5", "--out", str(out), "--overwrite"]) == 130
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"interrupted; resume with: lmctk train --steps 5 --out {out} --resume" in err
+
+
+def test_train_resume_with_nothing_to_resume_is_an_error(tmp_path, capsys):
+    assert main(["train", "--steps", "5", "--out", str(tmp_path / "new"), "--resume"]) == 2
+    assert "nothing to resume at" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+def test_readme_cli_tour_commands_run(tmp_path):
+    """The README's CLI tour, shrunk (fewer steps): every command runs with the exit code it shows."""
+    def lmctk(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "lmctk", *args], capture_output=True, text=True, timeout=300,
+                              cwd=tmp_path)
+
+    assert lmctk("train", "--task", "digits", "--model", "mlp", "--seed", "0", "--steps", "40", "--out", "runs/a",
+                 "--quiet").returncode == 0
+    assert "total" in lmctk("inspect", "runs/a").stdout
+    assert lmctk("train", "--out", "runs/a").returncode == 2
+    assert lmctk("inspect", str(tmp_path / "nope")).returncode == 2
+    assert lmctk("train", "--seed", "1", "--steps", "40", "--out", "runs/b", "--quiet").returncode == 0
+    assert lmctk("align", "runs/a", "runs/b", "--out", "runs/b-aligned").returncode == 0
+    assert lmctk("barrier", "runs/a", "runs/b", "--align", "weight", "--points", "5", "--plot", "plots").returncode in (0, 3)
+    assert (tmp_path / "plots" / "barrier.png").is_file()

@@ -132,7 +132,7 @@ def test_cli_run_and_report_render_table_phases_and_plots(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", str(path), "--out", str(out), "--quiet"]) == 0
     text = capsys.readouterr().out
-    assert "gaussian perturbation: final raw loss" in text and "phase" in text and "determinism: ok" in text
+    assert "gaussian: final raw loss barrier" in text and "phase" in text and "determinism: ok" in text
     assert (out / "report.json").is_file() and (out / "divergence-gaussian-t0.png").is_file()
     assert main(["report", str(out), "--no-plots", "--json", str(tmp_path / "r.json")]) == 0
     payload = json.loads((tmp_path / "r.json").read_text())

@@ -518,3 +518,20 @@ def test_aligned_and_streamed_soups_cast_the_fp32_mean_once(tmp_path):
         got = load_state(tmp_path / out)["w"]
         assert got.dtype == torch.float32 and torch.equal(got, exact), out
     assert not torch.equal(exact, exact.to(torch.bfloat16).float())  # bf16 rounding would show
+
+
+def test_model_card_claims_transformers_only_with_a_config(tmp_path):
+    from safetensors.torch import save_file
+
+    from lmctk.recipes import parse
+    from lmctk.soup import SoupRecipe, soup_files
+
+    paths = []
+    for i in range(2):
+        save_file({"w": torch.full((2, 2), float(i))}, str(tmp_path / f"m{i}.safetensors"))
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+    recipe = parse({"soup": {"ingredients": [{"path": p} for p in paths], "out": str(tmp_path / "soup")},
+                    "task": None}, SoupRecipe)
+    soup_files(recipe)
+    card = (tmp_path / "soup" / "README.md").read_text()
+    assert "library_name: transformers" not in card and "lmctk.io.load_state" in card

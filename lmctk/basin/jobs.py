@@ -182,9 +182,16 @@ class BarrierReport:
                 if curve is not None:
                     panels["loss"][tag + label] = curve.loss
                     panels["accuracy"][tag + label] = curve.accuracy
-        s = self.results[0].settings
-        return line_plot(path, self.results[0].alphas, panels, xlabel="α", overwrite=overwrite,
-                         title=f"interpolation ({s['split']} split, renorm={s['renorm']})")
+        first = self.results[0]
+        s = first.settings
+        where = f"{s['split']} split, renorm={s['renorm']}"
+        if len(self.results) == 1:
+            found = [f"{label} {curve.barriers(first.alphas)['loss']['mean_endpoint']:.3g}"
+                     for label, curve in (("raw", first.raw), ("aligned", first.aligned)) if curve is not None]
+            title = f"{first.names[0]} → {first.names[1]}: loss barrier {', '.join(found)} ({where})"
+        else:
+            title = f"interpolation between {len(self.results)} pairs ({where})"
+        return line_plot(path, first.alphas, panels, xlabel="α", overwrite=overwrite, title=title)
 
 
 def barrier_checkpoints(

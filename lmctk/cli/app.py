@@ -1,20 +1,24 @@
 """The Typer app, its error handling and helpers shared by the command modules.
 
-Exit codes: 0 success, 2 bad input (one red line on stderr, traceback only with --debug),
-3 a negative verdict (used by commands that judge, such as `soupable`).
+Exit codes: 0 success, 2 bad input (one red line on stderr, traceback only with --debug) or a usage
+error (click's message and the usage line), 3 a negative verdict (used by commands that judge, such as
+`soupable`), 130 interrupted (Ctrl-C; the message names the resume command where there is one).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+# Typer 0.2x vendors click as `typer._click`: its usage errors are not `click.*` exceptions.
+from typer._click.exceptions import ClickException  # noqa: E402
 
 from lmctk import __version__
 from lmctk.errors import ConfigError, LmctkError
@@ -40,10 +44,13 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors (anywhere on the line)."),
 ) -> None:
-    global _debug
-    _debug = debug
+    """main() takes --debug out of argv before dispatch, so it works after the command too."""
+
+
+SET_HELP = ("Override a recipe key, e.g. --set sweep.replicates=1 or --set sweep.steps=0,10 (TOML values; "
+            "commas make a list; repeatable).")
 
 
 def parse_options(pairs: list[str], what: str) -> dict[str, Any]:
@@ -66,12 +73,13 @@ def _parse_value(raw: str) -> Any:
         return raw
 
 
-def parse_list(text: str, what: str, kind: type = int) -> list[Any]:
+def parse_list(text: str, what: str, kind: type = int, example: str = "0,10,100") -> list[Any]:
     """A comma-separated flag value such as '0,10,100' as a list of `kind`."""
     try:
         return [kind(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise ConfigError(f"{what}: '{text}' is not a comma-separated list of {kind.__name__} (e.g. 0,10,100)") from None
+        name = {int: "integers", float: "numbers"}.get(kind, kind.__name__)
+        raise ConfigError(f"{what}: '{text}' is not a comma-separated list of {name} (e.g. {example})") from None
 
 
 def refuse_existing(paths: list[Path | None], overwrite: bool) -> None:
@@ -90,22 +98,62 @@ def write_json(path: Path, payload: dict[str, Any], overwrite: bool) -> None:
     atomic_write_json(path, payload)
 
 
+# Commands that continue an interrupted run, and the flag that asks them to ("" : rerun as it was).
+RESUME_FLAGS = {"train": "--resume", "butterfly": "--resume", "run": "--resume", "soup": "--resume", "converge": ""}
+
+
+def _resume_hint(args: list[str]) -> str:
+    """`interrupted; resume with …` naming the command that continues, for commands that can."""
+    command = next((a for a in args if not a.startswith("-")), "")
+    if command not in RESUME_FLAGS:
+        return "interrupted"
+    again = [a for a in args if a not in ("--overwrite", "--retrain")]
+    flag = RESUME_FLAGS[command]
+    if flag and flag not in again:
+        again.append(flag)
+    return "interrupted; resume with: lmctk " + " ".join(again)
+
+
+def _quiet_transformers() -> None:
+    """transformers' own progress bars and advisory warnings stay out of lmctk's output (unless asked for)."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def _command() -> Any:
+    """The click command of `app`, with flags shown bare in --help (no `<bool>`) and arguments in capitals."""
+    root = typer.main.get_command(app)
+    for command in [root, *root.commands.values()]:
+        for param in [*command.params, command.get_help_option(typer.Context(command))]:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+            elif param.param_type_name == "argument":
+                param.metavar = param.name.upper()
+    return root
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `lmctk` console script; returns the exit code."""
+    """Entry point of the `lmctk` console script; returns the exit code. `--debug` may come anywhere."""
+    global _debug
     args = list(sys.argv[1:] if argv is None else argv)
+    _debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    _quiet_transformers()
     try:
-        code = app(args=args, prog_name="lmctk", standalone_mode=False)  # typer.Exit(n) inside a command returns n
+        code = _command().main(args=args, prog_name="lmctk", standalone_mode=False)  # typer.Exit(n) inside a command returns n
     except LmctkError as e:
-        if _debug or "--debug" in args:
+        if _debug:
             raise
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return e.exit_code
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.ClickException as e:
+    except ClickException as e:  # usage errors: click's one-line message after the usage line
+        if _debug:
+            raise
         e.show()
         return e.exit_code
-    except click.exceptions.Abort:
-        err_console.print("[red]aborted[/]")
-        return 130
+    except typer.Abort:
+        code = 130
+    if code == 130:  # typer turns Ctrl-C into exit code 130
+        err_console.print(f"[red]{escape(_resume_hint(args))}[/]", highlight=False, soft_wrap=True)
     return code if isinstance(code, int) else 0

@@ -25,7 +25,7 @@ def barrier(
     calib_batches: int = typer.Option(8, help="Training batches used by bn_reset/repair statistics."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write α grid, curves and barriers as JSON here."),
-    plot: Optional[Path] = typer.Option(None, help="Write a PNG of loss and accuracy along α here."),
+    plot: Optional[Path] = typer.Option(None, help="Plot dir: barrier.png (loss and accuracy along α) goes here."),
     overwrite: bool = typer.Option(False, help="Replace existing --json/--plot files."),
 ) -> None:
     """Sweep θ(α) = (1−α)θ_A + αθ_B: α table, terminal curve, both barrier definitions and a verdict.
@@ -34,7 +34,7 @@ def barrier(
     """
     from lmctk.basin.jobs import barrier_checkpoints
 
-    refuse_existing([json_out, plot], overwrite)
+    refuse_existing([json_out, plot and plot / "barrier.png"], overwrite)
     report = barrier_checkpoints(models, task=task, task_options=parse_options(task_opt, "--task-opt"),
                                  threshold=threshold, definition=definition, device=device, points=points,
                                  align=align, renorm=renorm, split=split, batch_size=batch_size,
@@ -43,7 +43,7 @@ def barrier(
     if json_out:
         write_json(json_out, report.to_dict(), overwrite)
     if plot:
-        report.plot(plot, overwrite=overwrite)
+        console.print(f"wrote {report.plot(plot / 'barrier.png', overwrite=overwrite)}", highlight=False)
     if report.undefined:  # the loss is not finite somewhere on a path: no verdict
         raise typer.Exit(2)
     if not report.connected:

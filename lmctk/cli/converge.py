@@ -7,8 +7,9 @@ from typing import Optional
 
 import typer
 
-from lmctk.cli.app import app, console, parse_list, parse_options, write_json
+from lmctk.cli.app import SET_HELP, app, console, parse_list, parse_options, write_json
 from lmctk.errors import ConfigError, OutputExistsError
+from lmctk.render.progress import Progress
 
 
 @app.command()
@@ -27,7 +28,9 @@ def converge(
     recipe: Optional[Path] = typer.Option(None, help="Train the recipe's seeds into --out first, then analyse them."),
     out: Optional[Path] = typer.Option(None, "--out", help="With --recipe: dir for the seed runs (and default plots)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
-    plot: Optional[Path] = typer.Option(None, help="Write convergence.png and fingerprint.png into this dir."),
+    plot: Optional[Path] = typer.Option(None, help="Plot dir: convergence.png and fingerprint.png go here."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    quiet: bool = typer.Option(False, help="No progress (a bar on a terminal, a line every 10 s in a log)."),
     overwrite: bool = typer.Option(False, help="Replace an existing --json file and plots."),
     retrain: bool = typer.Option(False, help="With --recipe: train the seeds afresh instead of reusing finished runs."),
 ) -> None:
@@ -40,6 +43,8 @@ def converge(
     options = parse_options(task_opt, "--task-opt")
     class_file = classes
     settings = {"probe": probe, "batch_size": batch_size, "regimes_from": regimes}  # None: the recipe's, else default
+    if set_ and recipe is None:
+        raise ConfigError("--set overrides recipe keys; give --recipe FILE too")
     if recipe is not None:
         if runs:
             raise ConfigError("--recipe trains its own seeds; give either run dirs or --recipe")
@@ -50,20 +55,19 @@ def converge(
         if path is not None and path.exists() and not overwrite:  # refuse before the work, not after
             raise OutputExistsError(path)
     if recipe is not None:
-        spec = load_converge_recipe(recipe, allow_code=task or False)  # a code task runs if --task names it
-        with console.status("training seeds") as status:
-            runs = train_seeds(spec, out, overwrite=retrain,
-                               progress=lambda n, total: status.update(f"trained seed {n}/{total}"))
+        spec = load_converge_recipe(recipe, overrides=set_, allow_code=task or False)
+        with Progress("converge: trained seeds", len(spec.converge.seeds), console=console, quiet=quiet) as bar:
+            runs = train_seeds(spec, out, overwrite=retrain, progress=lambda n, total: bar.update(n, total))
         recipe_settings = {"probe": spec.converge.probe, "batch_size": spec.converge.batch_size,
                            "regimes_from": spec.converge.regimes}
         settings = {key: recipe_settings[key] if value is None else value for key, value in settings.items()}
         class_file = class_file or (Path(spec.converge.classes) if spec.converge.classes else None)
     if not runs or len(runs) < 2:
         raise ConfigError("converge needs at least 2 run dirs (or --recipe FILE --out DIR)")
-    with console.status("evaluating seeds") as status:
+    with Progress("converge: evaluated steps", console=console, quiet=quiet) as bar:
         result = analyse(
             runs, task, task_options=options, steps=parse_list(steps, "--steps") if steps else None, classes=class_file,
-            device=device, batched=not no_vmap, progress=lambda n, total: status.update(f"evaluated step {n}/{total}"),
+            device=device, batched=not no_vmap, progress=lambda n, total: bar.update(n, total),
             **{key: value for key, value in settings.items() if value is not None},
         )
     console.print(render(result))

@@ -7,22 +7,22 @@ from typing import Optional
 
 import typer
 
-from lmctk.cli.app import app, console, parse_options, write_json
+from lmctk.cli.app import (
+    SET_HELP,
+    app,
+    console,
+    parse_list,
+    parse_options,
+    refuse_existing,
+    write_json,
+)
 from lmctk.errors import ConfigError
-
-
-def _weights(text: Optional[str]) -> Optional[list[float]]:
-    if text is None:
-        return None
-    try:
-        return [float(w) for w in text.split(",") if w.strip()]
-    except ValueError:
-        raise ConfigError(f"--weights: '{text}' is not a comma-separated list of numbers (e.g. 0.5,0.3,0.2)") from None
+from lmctk.render.progress import Progress
 
 
 def _recipe(
-    checkpoints: list[Path] | None, recipe: Path | None, weights: list[float] | None, flags: dict,
-    task: str | None, task_options: dict,
+    checkpoints: list[Path] | None, recipe: Path | None, overrides: list[str], weights: list[float] | None,
+    flags: dict, task: str | None, task_options: dict,
 ):
     """The recipe file (or the checkpoints) with the flags set on top, parsed by the same strict schema."""
     from dataclasses import asdict
@@ -33,7 +33,9 @@ def _recipe(
     if recipe is not None:
         if checkpoints:
             raise ConfigError("checkpoints: give them in the recipe or on the command line, not both")
-        data = asdict(load_soup_recipe(recipe, allow_code=task is not None))  # --task replaces the file's task
+        data = asdict(load_soup_recipe(recipe, overrides=overrides, allow_code=task is not None))
+    elif overrides:
+        raise ConfigError("--set overrides recipe keys; give --recipe FILE too")
     elif not checkpoints:
         raise ConfigError("checkpoints: give at least 2 checkpoints, or --recipe FILE.toml")
     else:
@@ -74,9 +76,11 @@ def soup(
     tokenizer_from: Optional[str] = typer.Option(None, help="Ingredient (number or path) whose tokenizer the soup keeps when they differ."),
     align_to: Optional[Path] = typer.Option(None, "--align-to", help="Permute every ingredient onto this checkpoint first (weight matching)."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="A soup recipe TOML (recipes/soup-*.toml); flags override its fields."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check headers and tokenizers, print the plan and estimates; write nothing."),
     resume: bool = typer.Option(False, help="Continue an interrupted write of the same soup from its journal."),
     overwrite: bool = typer.Option(False, help="Replace an existing --out."),
+    quiet: bool = typer.Option(False, help="No progress (a bar on a terminal, a line every 10 s in a log)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
 ) -> None:
     """Average checkpoints (uniform, weighted or greedy) into an HF model dir, streamed tensor by tensor."""
@@ -84,30 +88,12 @@ def soup(
 
     flags = {"out": out, "method": method, "dtype": dtype, "shard_size": shard_size, "tokenizer_from": tokenizer_from,
              "align_to": align_to, "metric": metric, "tolerance": tolerance}
-    final = _recipe(checkpoints, recipe, _weights(weights), flags, task, parse_options(task_opt, "--task-opt"))
-    if json_out and json_out.exists() and not overwrite:
-        from lmctk.errors import OutputExistsError
-
-        raise OutputExistsError(json_out)
-    if dry_run:
-        result = soup_files(final, dry_run=True, overwrite=overwrite)
-    else:
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        with Progress(TextColumn("[bold]soup"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
-                      console=console, transient=True) as bar:
-            job = bar.add_task("soup", total=None)
-
-            def progress(name: str, done: int, total: int) -> None:
-                bar.update(job, completed=done, total=total)
-
-            result = soup_files(final, resume=resume, overwrite=overwrite, progress=progress)
+    shares = parse_list(weights, "--weights", float, "0.5,0.3,0.2") if weights else None
+    final = _recipe(checkpoints, recipe, set_, shares, flags, task, parse_options(task_opt, "--task-opt"))
+    refuse_existing([json_out], overwrite)
+    with Progress("soup", unit="bytes", console=console, quiet=quiet or dry_run) as bar:
+        result = soup_files(final, dry_run=dry_run, resume=resume, overwrite=overwrite,
+                            progress=lambda name, done, total: bar.update(done, total, name))
     console.print(result)
     if json_out:
         write_json(json_out, result.to_dict(), overwrite)
@@ -129,10 +115,7 @@ def soupable(
     """Should these checkpoints be souped? Exit 0 soupable, 3 not soupable, 2 bad input."""
     from lmctk.soup import soupable as judge
 
-    if json_out and json_out.exists() and not overwrite:
-        from lmctk.errors import OutputExistsError
-
-        raise OutputExistsError(json_out)
+    refuse_existing([json_out], overwrite)
     verdict = judge(checkpoints, task, task_options=parse_options(task_opt, "--task-opt"), base=base,
                     threshold=threshold, points=points, metric=metric, tolerance=tolerance)
     console.print(verdict)

@@ -128,11 +128,13 @@ class GreedyResult:
     def __rich__(self):
         from rich.table import Table
 
+        from lmctk.render.text import short_path
+
         t = Table(title=f"greedy soup: kept {len(self.kept)} of {len(self.trace)} (held-out {self.metric})")
         for column in ("order", "ingredient", "alone", "soup with it", "kept"):
             t.add_column(column, justify="left" if column == "ingredient" else "right")
         for order, step in enumerate(self.trace, start=1):
-            t.add_row(str(order), step.name, f"{self.shown(step.alone):.4f}", f"{self.shown(step.soup_score):.4f}",
+            t.add_row(str(order), short_path(step.name), f"{self.shown(step.alone):.4f}", f"{self.shown(step.soup_score):.4f}",
                       "[green]yes[/]" if step.kept else "[red]no[/]")
         return t
 

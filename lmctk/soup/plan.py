@@ -84,14 +84,18 @@ class SoupPlan:
         from rich.table import Table
         from rich.text import Text
 
+        from lmctk.render.text import short_path
+
         t = Table(title=f"{self.method} soup of {len(self.ingredients)} checkpoints (plan from headers)")
-        for column in ("#", "checkpoint", "format", "params", "dtypes", "bytes", "tokenizer", "weight"):
+        tokenizers = any(ing.tokenizer for ing in self.ingredients)  # a column only when there is one to compare
+        for column in ("#", "checkpoint", "format", "params", "dtypes", "bytes", *["tokenizer"] * tokenizers, "weight"):
             t.add_column(column, justify="left" if column in ("checkpoint", "format", "dtypes", "tokenizer") else "right")
         for n, (ing, w) in enumerate(zip(self.ingredients, self.weights), start=1):
             tok = hashlib.sha256(json.dumps(ing.tokenizer, sort_keys=True).encode()).hexdigest()[:8] if ing.tokenizer else "-"
             weight = "by val score" if self.method == "greedy" else f"{w:.4f}"
-            t.add_row(str(n), str(ing.path), ing.info.format, f"{ing.info.num_params:,}",
-                      ", ".join(sorted({x.dtype for x in ing.info.tensors})), format_bytes(ing.info.total_bytes), tok, weight)
+            t.add_row(str(n), short_path(ing.path, 20), ing.info.format, f"{ing.info.num_params:,}",
+                      ", ".join(sorted({x.dtype for x in ing.info.tensors})), format_bytes(ing.info.total_bytes),
+                      *[tok] * tokenizers, weight)
         lines = [
             (f"output: {len(self.slots)} tensors, {format_bytes(self.output_bytes)} as {self.dtype or 'input dtypes'}, "
              f"{self.num_shards} shard(s) of at most {format_bytes(self.shard_size)}"),

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from lmctk.errors import ConfigError
-from lmctk.recipes import load_recipe
+from lmctk.recipes import load_recipe, override_keys
 from lmctk.tasks import refuse_code
 
 
@@ -106,13 +106,16 @@ def _value(value: Any) -> str:
     raise ConfigError(f"recipe: cannot write {value!r} as TOML")
 
 
-def load_soup_recipe(path: str | os.PathLike, *, allow_code: bool = False) -> SoupRecipe:
-    """Read a soup recipe strictly: unknown keys and wrong types are errors naming the key path.
+def load_soup_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), *,
+                     allow_code: bool = False) -> SoupRecipe:
+    """Read a soup recipe strictly: unknown keys and wrong types are errors naming the key path;
+    `overrides` are `key.path=value` strings (`--set`) applied first.
 
-    A `module:function` task.name is refused unless `allow_code` (a file never chooses code to run).
+    A `module:function` task.name written in the file is refused unless `allow_code` or an override sets it.
     """
-    recipe = load_recipe(path, SoupRecipe)
+    recipe = load_recipe(path, SoupRecipe, overrides=overrides)
     if recipe.task is not None:
         name = recipe.task.name
-        refuse_code(name, f"{path}: task.name", f"name it yourself: --task {name} (API: allow_code=True)", allow_code)
+        refuse_code(name, f"{path}: task.name", f"name it yourself: --task {name} (API: allow_code=True)",
+                    allow_code or "task.name" in override_keys(overrides))
     return recipe

@@ -70,14 +70,16 @@ class Verdict:
         from rich.table import Table
         from rich.text import Text
 
+        from lmctk.render.text import short_path
+
         n = len(self.names)
         ing = Table(title="ingredients")
         ing.add_column("#", justify="right")
         ing.add_column("checkpoint")
         for i, name in enumerate(self.names, start=1):
-            ing.add_row(str(i), name)
-        pairs = Table(title=f"pairs (loss barrier on val; threshold {self.threshold})")
-        for column in ("pair", "barrier (midpoint)", "barrier (max)", "weight cosine (matrices)", "task-vector cosine"):
+            ing.add_row(str(i), short_path(name))
+        pairs = Table(title=f"pairs: loss barrier on val (threshold {self.threshold}), cosines")
+        for column in ("pair", "midpoint", "max", "weight cos", "task-vector cos"):
             pairs.add_column(column, justify="right")
         for i in range(n):
             for j in range(i + 1, n):
@@ -96,7 +98,9 @@ class Verdict:
         colour = "green" if self.soupable else "red"
         lines = [Text(f"shared initialisation: {'yes' if self.shared_init else 'no'}")]
         lines += [Text(f"note: {note}") for note in self.notes]
-        return Group(ing, pairs, models, self.greedy, *lines, Text(self.explanation, style=f"bold {colour}"))
+        legend = Text("weight cos: cosine of the weight matrices; task-vector cos: of θ − θ_base (needs --base)",
+                      style="dim")
+        return Group(ing, pairs, legend, models, self.greedy, *lines, Text(self.explanation, style=f"bold {colour}"))
 
 
 def soupable(

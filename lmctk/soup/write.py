@@ -124,15 +124,22 @@ def _with_dtype(raw: bytes, plan: SoupPlan) -> bytes:
 
 
 def model_card(plan: SoupPlan, recipe_toml: str, table: str | None = None, kept: Sequence[int] | None = None) -> str:
-    """The output's README.md: what was souped and how (the recipe) and the results table.
+    """The output's README.md: what was souped and how (the recipe), the results table, and how to load it
+    (`library_name: transformers` only when a config.json makes it load with `from_pretrained`).
 
     `kept`: the ingredients a greedy soup kept (averaged uniformly); the others get weight 0.
     """
     weights = plan.weights if kept is None else [1 / len(kept) if i in kept else 0.0 for i in range(len(plan.ingredients))]
+    config = _side_files(plan).get("config.json")
+    base = json.loads(config).get("_name_or_path") if config else None
+    header = ["---", *(["library_name: transformers"] if config else []), *([f"base_model: {base}"] if base else []),
+              "tags: [lmctk, model-soup, merge]", "---", ""]
+    load = ("Loads with `AutoModel.from_pretrained(<this dir>)` (config.json is included)." if config else
+            "No config.json (the ingredients had none): load the weights with `lmctk.io.load_state(<this dir>)` "
+            "into your model's `load_state_dict`.")
     lines = [
-        "---", "library_name: transformers", "tags: [lmctk, model-soup, merge]", "---", "",
-        f"# {plan.method.capitalize()} soup of {len(plan.ingredients)} checkpoints", "",
-        "Made with `lmctk soup` (weights averaged in fp32, tensor by tensor).", "",
+        *header, f"# {plan.method.capitalize()} soup of {len(plan.ingredients)} checkpoints", "",
+        "Made with `lmctk soup` (weights averaged in fp32, tensor by tensor). " + load, "",
         "## Ingredients", "", "| # | checkpoint | weight |", "|---|---|---|",
     ]
     for n, (ing, w) in enumerate(zip(plan.ingredients, weights), start=1):

@@ -15,6 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Perturbation kinds without a scale (on/off): their column is what changed, not "σ=1".
+ON_OFF = {"batch": "one changed batch", "data_order": "another data order", "dropout": "another dropout stream"}
+
+
+def _column(kind: str, scale: float) -> str:
+    if kind in ON_OFF:
+        return "control" if scale == 0 else ON_OFF[kind]
+    return f"σ={scale:g}"
+
 
 def final_value(final: dict[str, Any], metric: str, definition: str, path: str) -> float | None:
     """The barrier of one trial's final measurement that the analysis is about (None if not measured)."""
@@ -78,9 +87,9 @@ class ButterflyReport:
 
         by_t = self.table[kind]
         scales = sorted({s for row in by_t.values() for s in row})
-        t = Table(title=f"{kind} perturbation: final {what}",
-                  caption="rows: perturbation step t; columns: σ; mean over replicates")
-        for col in ["t", *[f"σ={s:g}" for s in scales], *(["phase", "σ*"] if self.phases.get(kind) else [])]:
+        phase = (["phase"] if kind in ON_OFF else ["phase", "σ*"]) if self.phases.get(kind) else []
+        t = Table(title=f"{kind}: final {what}")
+        for col in ["t", *[_column(kind, s) for s in scales], *phase]:
             t.add_column(col, justify="left" if col == "phase" else "right")
         for step in sorted(by_t):
             cells: list[Any] = [str(step)]
@@ -91,7 +100,7 @@ class ButterflyReport:
                              Text(f"{c['mean']:.4f}", style=f"black on rgb(255,{shade},{shade})"))
             if self.phases.get(kind):
                 p = self.phases[kind].get(step)
-                cells += ["", ""] if p is None else [p["label"], _sigma_star_text(p)]
+                cells += [""] * len(phase) if p is None else [p["label"], _sigma_star_text(p)][:len(phase)]
             t.add_row(*cells)
         return t
 
@@ -105,6 +114,8 @@ class ButterflyReport:
         ref = self.reference["mean"] if self.reference else None
         top = max([c["mean"] for k in self.table.values() for t in k.values() for c in t.values()] + [ref or 0.0, 1e-12])
         parts += [self._kind_table(kind, what, top) for kind in self.table]
+        parts.append(Text("rows: perturbation step t; columns: σ (or control vs perturbed); mean over replicates",
+                          style="dim"))
         if ref is not None:
             parts.append(Text(f"independent-seed {what}: {ref:.4f} (n={len(self.reference['values'])}); "
                               f"σ* = σ where the barrier reaches {a['threshold']:g} × that"))
@@ -208,19 +219,58 @@ def _determinism(preflight: dict[str, Any] | None, zero_checks: list[bool]) -> d
 
 
 def write_plots(report: ButterflyReport, out_dir: Path) -> list[Path]:
-    """One PNG per (kind, t): L2 and the analysed barrier between the twins over training, one line per σ."""
+    """`butterfly.png` (the summary heatmap) and one PNG per (kind, t): L2 and the analysed barrier between
+    the twins over training, one line per σ."""
     from lmctk.render import line_plot
 
-    paths = []
-    metric, definition = report.analysis["metric"], report.analysis["definition"].replace("_", "-")
+    paths = [p for p in [summary_plot(report, out_dir / "butterfly.png")] if p is not None]
+    a = report.analysis
+    what = f"{a['path']} {a['metric']} barrier ({a['definition'].replace('_', '-')})"
     for kind, by_t in report.curves.items():
         for t, by_scale in sorted(by_t.items()):
             first = next(iter(by_scale.values()))
             if len(first["step"]) < 2:
                 continue
-            panels = {"L2 ‖θA−θB‖": {f"σ={s:g}": c["l2"] for s, c in sorted(by_scale.items())},
-                      f"raw {metric} barrier ({definition})": {f"σ={s:g}": c["barrier"] for s, c in sorted(by_scale.items())}}
+            lines = {_column(kind, s): c for s, c in sorted(by_scale.items())}
+            finals = ", ".join(f"{label} {c['barrier'][-1]:.3g}" for label, c in lines.items())
+            panels = {"L2 ‖θA−θB‖": {label: c["l2"] for label, c in lines.items()},
+                      what: {label: c["barrier"] for label, c in lines.items()}}
             path = out_dir / f"divergence-{kind}-t{t}.png"
             paths.append(line_plot(path, first["step"], panels, xlabel="step", overwrite=True,
-                                   title=f"{report.name}: twins after a {kind} perturbation at t={t}"))
+                                   title=f"{report.name}: {kind} at t={t}; final barrier {finals}"))
     return paths
+
+
+def summary_plot(report: ButterflyReport, path: Path) -> Path | None:
+    """The final barrier over t × σ, one panel per kind on one colour scale, σ*(t) drawn on it."""
+    from lmctk.render import heatmap_plot
+
+    scales = sorted({s for by_t in report.table.values() for row in by_t.values() for s in row})
+    if not scales:
+        return None
+    panels, overlays = {}, {}
+    for kind, by_t in report.table.items():
+        steps = sorted(by_t)
+        panels[kind] = ([str(t) for t in steps],
+                        [[by_t[t][s]["mean"] if s in by_t[t] else math.nan for s in scales] for t in steps])
+        stars = [(_column_at(scales, report.phases.get(kind, {}).get(t, {}).get("sigma_star")), i)
+                 for i, t in enumerate(steps)]
+        stars = [(c, i) for c, i in stars if c is not None]
+        if stars:
+            overlays[kind] = ("σ*(t)", [c for c, _ in stars], [i for _, i in stars])
+    a, ref = report.analysis, report.reference
+    title = (f"{report.name}: final {a['path']} {a['metric']} barrier"
+             + (f"; independent seeds {ref['mean']:.3g}" if ref else ""))
+    return heatmap_plot(path, scales, panels, xlabel="σ", ylabel="t", title=title, overwrite=True,
+                        overlays=overlays)
+
+
+def _column_at(scales: list[float], sigma: float | None) -> float | None:
+    """σ as a fractional column index among `scales`, interpolated in log10 σ (None if not inside)."""
+    if sigma is None:
+        return None
+    for i in range(1, len(scales)):
+        lo, hi = scales[i - 1], scales[i]
+        if lo > 0 and lo <= sigma <= hi:
+            return i - 1 + (math.log10(sigma) - math.log10(lo)) / (math.log10(hi) - math.log10(lo))
+    return None

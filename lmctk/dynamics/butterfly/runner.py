@@ -51,7 +51,7 @@ from lmctk.train import (
 )
 
 REPORT = "report.json"
-# progress(event, info): "preflight", "parent", "trial_start", "measure", "trial_done"
+# progress(event, info): "preflight", "parent", "trials" ({"todo": n}), "trial_start", "measure", "trial_done"
 Progress = Callable[[str, dict[str, Any]], None]
 
 
@@ -191,6 +191,24 @@ def report(run_dir: str | os.PathLike, *, plots: bool = True) -> ButterflyReport
     return result
 
 
+def _run_trials(recipe: ButterflyRecipe, run: RunDir, task, dist: Dist, init_std: dict[str, float],
+                progress: Progress | None) -> None:
+    """This rank's unfinished trials, by t (each parent is loaded once), each journalled when done."""
+    done = finished_trials(run)
+    mine = [t for i, t in enumerate(trials(recipe)) if i % dist.world == dist.rank and t.id not in done]
+    mine.sort(key=lambda trial: trial.t)  # trials are pure: any order gives the same records
+    cache: dict[str, Any] = {}
+    if progress:
+        progress("trials", {"todo": len(mine)})
+    for trial in mine:
+        if progress:
+            progress("trial_start", trial.to_dict())
+        result = _run_trial(trial, recipe, run, task, cache, progress, init_std)
+        run.append({"type": "trial", "trial": trial.to_dict(), "result": result, "rank": dist.rank})
+        if progress:
+            progress("trial_done", {**trial.to_dict(), "final": result["final"], "perturbation": result["perturbation"]})
+
+
 def run_recipe(recipe: ButterflyRecipe, out: str | os.PathLike, *, name: str = "butterfly", resume: bool = False,
                overwrite: bool = False, progress: Progress | None = None) -> ButterflyReport | None:
     """Run every unfinished trial of `recipe` in the run dir `out` (sharded over torchrun ranks).
@@ -210,20 +228,7 @@ def run_recipe(recipe: ButterflyRecipe, out: str | os.PathLike, *, name: str = "
                     run = _open_run(recipe, out, name, resume=resume, overwrite=overwrite)
                     _prepare_parent(recipe, run, task, progress)
                 dist.barrier()
-                run = RunDir.open(out)
-                done = finished_trials(run)
-                mine = [t for i, t in enumerate(trials(recipe)) if i % dist.world == dist.rank and t.id not in done]
-                mine.sort(key=lambda trial: trial.t)  # trials are pure: by t, each parent is loaded once
-                cache: dict[str, Any] = {}
-                for trial in mine:
-                    if progress:
-                        progress("trial_start", trial.to_dict())
-                    result = _run_trial(trial, recipe, run, task, cache, progress, init_std)
-                    record = {"type": "trial", "trial": trial.to_dict(), "result": result, "rank": dist.rank}
-                    run.append(record)
-                    if progress:
-                        progress("trial_done", {**trial.to_dict(), "final": result["final"],
-                                                "perturbation": result["perturbation"]})
+                _run_trials(recipe, RunDir.open(out), task, dist, init_std, progress)
                 dist.barrier()
                 if dist.rank == 0:
                     return report(out, plots=recipe.run.plots)

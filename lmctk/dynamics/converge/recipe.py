@@ -9,7 +9,7 @@ from typing import Literal
 
 from lmctk.errors import ConfigError
 from lmctk.io.lock import locked
-from lmctk.recipes import load_recipe
+from lmctk.recipes import load_recipe, override_keys
 from lmctk.tasks import refuse_code
 from lmctk.train import TrainConfig, fit, log_spaced_steps
 
@@ -38,14 +38,18 @@ class ConvergeRecipe:
     train: TrainConfig
 
 
-def load_converge_recipe(path: str | Path, *, allow_code: bool | str = False) -> ConvergeRecipe:
-    """Read a converge recipe strictly (unknown keys are errors naming the key path).
+def load_converge_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
+                         allow_code: bool | str = False) -> ConvergeRecipe:
+    """Read a converge recipe strictly (unknown keys are errors naming the key path); `overrides` are
+    `key.path=value` strings (`--set`) applied first.
 
-    A `module:function` train.task is refused unless `allow_code` is True or that name (the user's --task).
+    A `module:function` train.task written in the file is refused unless `allow_code` is True or that
+    name (the user's --task), or an override sets it.
     """
-    recipe = load_recipe(path, ConvergeRecipe)
+    recipe = load_recipe(path, ConvergeRecipe, overrides=overrides)
     name = recipe.train.task
-    refuse_code(name, f"{path}: train.task", f"name it yourself: --task {name} (API: allow_code=True)", allow_code)
+    refuse_code(name, f"{path}: train.task", f"name it yourself: --task {name} (API: allow_code=True)",
+                allow_code or "train.task" in override_keys(overrides))
     if recipe.train.checkpoints != [recipe.train.steps]:
         raise ConfigError(f"{path}: train.checkpoints: leave it out; converge.log_checkpoints sets them")
     if recipe.converge.classes is not None:

@@ -144,8 +144,10 @@ def plot(result: ConvergeResult, directory: str | Path, overwrite: bool = False)
     kl, se = result.series("kl"), result.series("kl_se")
     panels = {"expected KL (nats/token)": {"KL ± SE": kl, "phase fit": result.phases.fitted}}
     band = {"KL ± SE": ([a - b for a, b in zip(kl, se)], [a + b for a, b in zip(kl, se)])}
+    title = (f"{len(result.runs)} seeds: expected KL {kl[0]:.3g} at step {result.steps[0]}, "
+             f"{kl[-1]:.3g} at step {result.steps[-1]}")
     written = [line_plot(directory / "convergence.png", result.steps, panels, xlabel="step", xscale="symlog",
-                         spans=spans, bands=band, title="seed convergence", overwrite=overwrite)]
+                         spans=spans, bands=band, fits=["phase fit"], title=title, overwrite=overwrite)]
     if result.layers:
         def rows(name: str) -> tuple[list[str], list[list[float]]]:
             return result.layers, [list(c) for c in zip(*result.series(name))]  # [layer][step]
@@ -154,5 +156,6 @@ def plot(result: ConvergeResult, directory: str | Path, overwrite: bool = False)
                 "fingerprint cosine, centred": rows("fingerprint_centred"),
                 "debiased linear CKA": rows("cka")}
         written.append(heatmap_plot(directory / "fingerprint.png", result.steps, maps, xlabel="step",
-                                    title="seed agreement per layer", overwrite=overwrite))
+                                    title=f"agreement of {len(result.runs)} seeds per layer (one colour scale)",
+                                    overwrite=overwrite))
     return written
