@@ -11,7 +11,9 @@ import torch
 from lmctk.cli import main
 from lmctk.dynamics.converge.analysis import converge
 from lmctk.dynamics.converge.inputs import load_classes
-from lmctk.dynamics.converge.phases import PHASES, detect_phases, seed_regimes
+from lmctk.dynamics.converge.phases import PHASES, detect_phases
+from lmctk.dynamics.converge.regimes import seed_regimes
+from lmctk.dynamics.fingerprints import SIMILARITIES
 from lmctk.dynamics.converge.recipe import ConvergeRecipe, load_converge_recipe
 from lmctk.errors import ConfigError
 from lmctk.tasks import get_task
@@ -44,13 +46,14 @@ def _analyse(paths, **kw):
 
 
 @pytest.mark.parametrize("pair", [("a", "a"), ("a", "a_again")], ids=["same-dir-twice", "same-seed"])
-def test_identical_runs_give_kl_zero_fingerprint_one_cka_one(runs, pair):
+def test_identical_runs_give_kl_zero_and_every_similarity_one(runs, pair):
     result = _analyse([runs[pair[0]], runs[pair[1]]])
     assert result.steps == STEPS
     for s in result.per_step:
         assert s.kl == 0.0
-        assert all(v == pytest.approx(1.0, abs=1e-6) for v in s.fingerprint_raw + s.fingerprint_centred)
-        assert all(v == pytest.approx(1.0, abs=1e-6) for v in s.cka)
+        assert set(s.similarity) == set(SIMILARITIES)
+        for kind, values in s.similarity.items():
+            assert values == pytest.approx([1.0] * len(values), abs=1e-6), kind
         assert s.loss["cv"] == pytest.approx(0.0, abs=1e-12)
     assert len(result.layers) == 2  # embeddings + one block
 
@@ -69,7 +72,7 @@ def test_stacked_vmap_evaluation_equals_one_model_at_a_time(runs):
     looped = _analyse([runs["a"], runs["b"]], batched=False)
     for s, t in zip(stacked.per_step, looped.per_step):
         assert s.kl == pytest.approx(t.kl, rel=1e-4, abs=1e-7)
-        assert s.cka == pytest.approx(t.cka, rel=1e-4)
+        assert s.similarity["cka"] == pytest.approx(t.similarity["cka"], rel=1e-4)
         assert s.losses == pytest.approx(t.losses, rel=1e-5)
 
 
@@ -131,7 +134,7 @@ def test_classifier_runs_use_block_hooks_for_layers(tmp_path):
         paths.append(fit(config, tmp_path / f"mlp{seed}").run_dir)
     same = _analyse([paths[0], paths[0]])
     assert same.layers == ["hidden.0", "hidden.1"]
-    assert all(s.kl == 0.0 and s.cka == pytest.approx([1.0, 1.0]) for s in same.per_step)
+    assert all(s.kl == 0.0 and s.similarity["gram"] == pytest.approx([1.0, 1.0]) for s in same.per_step)
     stacked, looped = _analyse(paths), _analyse(paths, batched=False)
     assert stacked.per_step[-1].kl > 0
     assert stacked.per_step[-1].kl == pytest.approx(looped.per_step[-1].kl, rel=1e-5)
@@ -195,6 +198,7 @@ def test_seed_regimes_and_synchronisation_spread():
     stable = [c["stable"] for c in regimes.crossings]
     assert transition == sorted(transition) and stable == sorted(stable)
     assert regimes.spread["stable"] == pytest.approx(20, abs=2)
+    assert regimes.resolution == {"transition": 5, "stable": 5}  # checkpoint spacing around the crossings
     assert regimes.labels[0][0] == "chaotic" and regimes.labels[2][-1] == "stable"
     assert regimes.labels[2][steps.index(50)] == "transition"
 
@@ -208,7 +212,9 @@ def test_cli_writes_json_with_plain_keys_and_plots(runs, tmp_path):
                  "--json", str(out), "--plot", str(tmp_path / "plots")])
     assert code == 0
     data = json.loads(out.read_text())
-    assert {"kl", "fingerprint_cosine", "cka", "loss_cv", "phases"} <= set(data)
+    assert {"kl", "fingerprints", "loss_cv", "phases", "regimes"} <= set(data)
+    assert set(data["fingerprints"]["mean"]) == set(SIMILARITIES) and data["regimes"]["source"] == "gram"
+    assert data["loss"]["std_is"].startswith("sample std (ddof=1)")
     assert data["steps"] == STEPS and len(data["kl"]["mean"]) == len(STEPS)
     assert (tmp_path / "plots" / "convergence.png").stat().st_size > 0
     assert (tmp_path / "plots" / "fingerprint.png").stat().st_size > 0
@@ -260,9 +266,9 @@ def test_cli_options_override_the_recipe(tmp_path, monkeypatch):
                       '[train]\ntask = "text"\nmodel = "gpt_neox"\nsteps = 8\n')
     with pytest.raises(Analysed) as got:
         main(["converge", "--recipe", str(recipe), "--out", str(tmp_path / "runs"), "--probe", "2",
-              "--regimes", "fingerprint"])
+              "--regimes", "aligned"])
     kw = got.value.args[0]
-    assert (kw["probe"], kw["batch_size"], kw["regimes_from"]) == (2, 4, "fingerprint")
+    assert (kw["probe"], kw["batch_size"], kw["regimes_from"]) == (2, 4, "aligned")
 
 
 @pytest.mark.slow

@@ -18,10 +18,12 @@ def converge(
     task_opt: list[str] = typer.Option([], "--task-opt", help="Task option key=value (repeatable)."),
     steps: Optional[str] = typer.Option(None, help="Analyse only these common steps, e.g. 0,10,100."),
     classes: Optional[Path] = typer.Option(None, help="Token classes: JSON {token: class} or token<TAB>class lines."),
+    counts: Optional[Path] = typer.Option(None, help="Token counts for frequency strata (.npy or integers: count of "
+                                                     "id i at position i); default: count the task's training text."),
     probe: Optional[int] = typer.Option(None, help="Probe examples for fingerprints/CKA (default: recipe's, else 16)."),
     batch_size: Optional[int] = typer.Option(None, help="Eval examples per forward (default: recipe's, else 16)."),
-    regimes: Optional[str] = typer.Option(None, help="Seed regimes from fingerprint (centred cosine) or cka "
-                                                     "(default: recipe's, else fingerprint)."),
+    regimes: Optional[str] = typer.Option(None, help="Similarity the seed regimes come from: gram (default), aligned, "
+                                                     "cka, raw, centred (default: recipe's, else gram)."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N."),
     no_vmap: bool = typer.Option(False, "--no-vmap", help="Evaluate the seeds one at a time instead of stacked."),
     recipe: Optional[Path] = typer.Option(None, help="Train the recipe's seeds into --out first, then analyse them."),
@@ -30,6 +32,7 @@ def converge(
     plot: Optional[Path] = typer.Option(None, help="Write convergence.png and fingerprint.png into this dir."),
     overwrite: bool = typer.Option(False, help="Replace an existing --json file and plots."),
     retrain: bool = typer.Option(False, help="With --recipe: train the seeds afresh instead of reusing finished runs."),
+    set_: list[str] = typer.Option([], "--set", help="With --recipe: override a recipe key, e.g. train.steps=40."),
 ) -> None:
     """Seed convergence: expected per-token KL, fingerprints, CKA and loss spread per step; phases."""
     from lmctk.dynamics.converge.analysis import converge as analyse
@@ -40,6 +43,8 @@ def converge(
     options = parse_options(task_opt, "--task-opt")
     class_file = classes
     settings = {"probe": probe, "batch_size": batch_size, "regimes_from": regimes}  # None: the recipe's, else default
+    if set_ and recipe is None:
+        raise ConfigError("--set overrides recipe keys; give --recipe FILE too")
     if recipe is not None:
         if runs:
             raise ConfigError("--recipe trains its own seeds; give either run dirs or --recipe")
@@ -50,7 +55,7 @@ def converge(
         if path is not None and path.exists() and not overwrite:  # refuse before the work, not after
             raise OutputExistsError(path)
     if recipe is not None:
-        spec = load_converge_recipe(recipe)
+        spec = load_converge_recipe(recipe, set_)
         with console.status("training seeds") as status:
             runs = train_seeds(spec, out, overwrite=retrain,
                                progress=lambda n, total: status.update(f"trained seed {n}/{total}"))
@@ -63,7 +68,7 @@ def converge(
     with console.status("evaluating seeds") as status:
         result = analyse(
             runs, task, task_options=options, steps=parse_list(steps, "--steps") if steps else None, classes=class_file,
-            device=device, batched=not no_vmap, progress=lambda n, total: status.update(f"evaluated step {n}/{total}"),
+            counts=counts, device=device, batched=not no_vmap, progress=lambda n, total: status.update(f"evaluated step {n}/{total}"),
             **{key: value for key, value in settings.items() if value is not None},
         )
     console.print(render(result))

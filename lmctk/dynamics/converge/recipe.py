@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
+from lmctk.dynamics.fingerprints import DEFAULT, check_kind
 from lmctk.errors import ConfigError
 from lmctk.recipes import load_recipe
 from lmctk.train import TrainConfig, fit, log_spaced_steps
@@ -21,9 +21,10 @@ class ConvergeConfig:
     probe: int = 16  # probe windows for fingerprints and CKA
     batch_size: int = 16  # eval batch (examples) per forward
     classes: str | None = None  # token-class file (relative to the recipe)
-    regimes: Literal["fingerprint", "cka"] = "fingerprint"  # per-seed curves the regimes come from
+    regimes: str = DEFAULT  # the similarity whose per-seed curves give the regimes (fingerprints.SIMILARITIES)
 
     def __post_init__(self) -> None:
+        check_kind(self.regimes, "converge.regimes")
         if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds: need at least 2 distinct seeds, got {self.seeds}")
 
@@ -36,9 +37,10 @@ class ConvergeRecipe:
     train: TrainConfig
 
 
-def load_converge_recipe(path: str | Path) -> ConvergeRecipe:
-    """Read a converge recipe strictly (unknown keys are errors naming the key path)."""
-    recipe = load_recipe(path, ConvergeRecipe)
+def load_converge_recipe(path: str | Path, overrides: Sequence[str] = ()) -> ConvergeRecipe:
+    """Read a converge recipe strictly (unknown keys are errors naming the key path); `overrides` are
+    `key.path=value` strings (`--set`), e.g. train.steps=40."""
+    recipe = load_recipe(path, ConvergeRecipe, overrides=overrides)
     if recipe.train.checkpoints != [recipe.train.steps]:
         raise ConfigError(f"{path}: train.checkpoints: leave it out; converge.log_checkpoints sets them")
     if recipe.converge.classes is not None:
