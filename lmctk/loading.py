@@ -139,10 +139,35 @@ def load_model_state(path: str | Path, task: Task | None = None) -> tuple[nn.Mod
     return model, state, task
 
 
+def _hf_renamed(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with keys the model lacks renamed as transformers renames checkpoint keys on load (e.g.
+    GPT-NeoX's `embed_out` -> `lm_head`, which `save_pretrained` writes back and Pythia checkpoints use)."""
+    names = set(model.state_dict())
+    out = dict(state)
+    odd = [k for k in state if k not in names]
+    if not odd or not hasattr(model, "config"):
+        return out
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:  # transformers < 5 renames nothing
+        return out
+    renames = [t for t in get_model_conversion_mapping(model) if type(t) is WeightRenaming]  # one-to-one only
+    for key in odd:
+        new = key
+        for rename in renames:
+            new = rename.rename_source_key(new)[0]
+        if new in names and new not in out:
+            out[new] = out.pop(key)
+    return out
+
+
 def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], where: object) -> None:
     """Load `state` strictly, except that keys tied to a loaded one may be absent (an HF checkpoint
-    saved by `save_pretrained` omits `lm_head.weight` when it is the embedding)."""
-    missing, unexpected = model.load_state_dict(dict(state), strict=False)
+    saved by `save_pretrained` omits `lm_head.weight` when it is the embedding) and legacy HF key
+    names are renamed as transformers does. Floating tensors are cast to the model's dtype (bf16 upcast)."""
+    state = _hf_renamed(model, state)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise KeyMismatchError(f"{where}: {len(unexpected)} tensors the model does not have "
                                f"(e.g. {unexpected[0]}); use checkpoints of one architecture")

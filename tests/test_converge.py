@@ -285,3 +285,100 @@ def test_cli_recipe_trains_seeds_then_analyses(tmp_path):
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["steps"] == [0, 1, 3, 8] and (out / "plots" / "convergence.png").is_file()
     assert (out / "seed0" / "manifest.json").is_file() and (out / "seed1" / "manifest.json").is_file()
+
+
+# -- basis-free fingerprints, streaming, checkpoint suites ----------------------------------------
+
+
+def _neox(seed: int):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=256, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                            intermediate_size=32, max_position_embeddings=64)).eval()
+
+
+def test_permuted_copy_has_gram_and_aligned_cosine_one_and_raw_cosine_near_zero(tmp_path):
+    from lmctk.spec import permute_state, random_perms, spec_for
+
+    seeds = [tmp_path / "seed_a", tmp_path / "seed_b"]
+    for step in (0, 10):
+        model = _neox(step).to(torch.bfloat16)  # saved in bf16, upcast to fp32 for the evaluation
+        model.save_pretrained(seeds[0] / f"step{step}")
+        spec = spec_for(model)
+        model.load_state_dict(permute_state(model.state_dict(), spec, random_perms(spec, torch.Generator().manual_seed(step))))
+        model.save_pretrained(seeds[1] / f"checkpoint-{step}")
+    result = _analyse(seeds, task="text", task_options=TASK_OPTIONS)
+    assert result.steps == [0, 10] and result.layers == ["embed", "layer1", "layer2"]
+    for s in result.per_step:
+        assert s.kl == pytest.approx(0.0, abs=1e-5)  # the same function
+        assert s.similarity["gram"] == pytest.approx([1.0] * 3, abs=1e-6)
+        assert s.similarity["aligned"] == pytest.approx([1.0] * 3, abs=1e-6)
+        assert all(abs(v) < 0.3 for v in s.similarity["raw"]), s.similarity["raw"]  # basis-dependent
+
+
+def test_each_step_is_reduced_before_the_next_is_evaluated(runs, monkeypatch):
+    import weakref
+
+    from lmctk.dynamics.converge.analysis import Evaluator
+
+    alive, run = [], Evaluator.run
+
+    def tracked(self, dirs, diversity=False):
+        assert all(ref() is None for ref in alive), "a previous step's per-token outputs are still held"
+        out = run(self, dirs, diversity)
+        alive.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(Evaluator, "run", tracked)
+    result = _analyse([runs["a"], runs["b"]])
+    assert len(alive) == len(STEPS) and result.steps == STEPS
+
+
+def test_counts_file_sets_the_frequency_strata(runs, tmp_path):
+    counts = tmp_path / "counts.txt"
+    counts.write_text(" ".join(["0"] * 97 + ["5000"]))  # only 'a' (id 97) was ever seen
+    result = _analyse([runs["a"], runs["b"]], counts=counts)
+    rows = {r["stratum"]: r["count"] for r in result.per_step[0].strata["frequency"]}
+    assert set(rows) == {"unseen", "1-9", "10-99", "100-999", "1000-9999"}
+    assert rows["1000-9999"] == int((result_targets := _targets(runs)).eq(97).sum()) and rows["1-9"] == 0
+    assert sum(rows.values()) == len(result_targets)
+    counts.write_text(" ".join(["1"] * 300))
+    with pytest.raises(ConfigError, match="300 counts but task 'text' has a vocabulary of 256"):
+        _analyse([runs["a"], runs["b"]], counts=counts)
+
+
+def _targets(runs) -> torch.Tensor:
+    task = get_task("text", **TASK_OPTIONS)
+    from lmctk.dynamics.converge.analysis import _scored_positions
+
+    return torch.cat(_scored_positions(task.eval_batches("test", "cpu", 4))[1])
+
+
+def _bench():
+    import importlib.util
+
+    path = Path(__file__).parent.parent / "benchmarks" / "bench_converge_memory.py"
+    spec = importlib.util.spec_from_file_location("bench_converge_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_cli_reads_a_checkpoint_suite_with_a_local_tokenizer_in_flat_memory(tmp_path):
+    bench = _bench()
+    seeds = bench.build_suite(tmp_path, seeds=3, steps=bench.STEPS, text_bytes=20 * 64 * 64 + 1)
+    shutil.copytree(seeds[0] / "step1000", seeds[0] / "step1500")  # a step the other seeds lack
+    counts = tmp_path / "counts.txt"
+    counts.write_text(" ".join(["7"] * 256))
+    out = tmp_path / "r.json"
+    assert main(["converge", *map(str, seeds), "--task", "text", "--task-opt", f"path={tmp_path / 'eval.txt'}",
+                 "--task-opt", f"tokenizer={tmp_path / 'tokenizer'}", "--counts", str(counts), "--probe", "4",
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["steps"] == bench.STEPS and data["missing_steps"] == {str(seeds[1]): [1500], str(seeds[2]): [1500]}
+    assert all(math.isfinite(v) and v > 0 for v in data["kl"]["mean"])  # bf16 weights, fp32 KL
+    assert [r["stratum"] for r in data["kl"]["strata"]["frequency"] if r["count"]] == ["1-9"]
+    few, many = (bench.peak_rss(tmp_path, seeds, bench.STEPS[-n:], 64) for n in (4, 12))
+    assert many < few + 20, (few, many)  # MB: nothing per step is kept
