@@ -272,19 +272,19 @@ def test_cli_options_override_the_recipe(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_cli_recipe_trains_seeds_then_analyses(tmp_path):
-    recipe = tmp_path / "tiny.toml"
-    recipe.write_text(
-        '[converge]\nseeds = [0, 1]\nlog_checkpoints = 3\nprobe = 4\nbatch_size = 4\n'
-        '[train]\ntask = "text"\ntask_options = { seq_len = 16, eval_windows = 8 }\nmodel = "gpt_neox"\n'
-        'model_options = { layers = 1, hidden = 16, heads = 2, intermediate = 32 }\n'
-        'steps = 8\nbatch_size = 4\nlr = 1e-2\neval_every = 8\n'
-    )
+def test_cli_trains_the_repo_recipe_shrunk_by_set_overrides_then_analyses(tmp_path):
+    recipe = Path(__file__).parent.parent / "recipes" / "converge-tiny-gpt.toml"
+    shrink = ["converge.seeds=[0, 1]", "converge.log_checkpoints=3", "converge.probe=4", "converge.batch_size=4",
+              "train.task_options={ seq_len = 16, eval_windows = 8 }", "train.steps=8", "train.batch_size=4",
+              "train.warmup=2", "train.eval_every=8",
+              "train.model_options={ layers = 1, hidden = 16, heads = 2, intermediate = 32, initializer_range = 0.1 }"]
     out = tmp_path / "runs"
-    assert main(["converge", "--recipe", str(recipe), "--out", str(out), "--json", str(tmp_path / "r.json")]) == 0
+    assert main(["converge", "--recipe", str(recipe), "--out", str(out), "--json", str(tmp_path / "r.json"),
+                 *[a for item in shrink for a in ("--set", item)]]) == 0
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["steps"] == [0, 1, 3, 8] and (out / "plots" / "convergence.png").is_file()
     assert (out / "seed0" / "manifest.json").is_file() and (out / "seed1" / "manifest.json").is_file()
+    assert main(["converge", str(out / "seed0"), str(out / "seed1"), "--set", "train.steps=4"]) == 2  # no --recipe
 
 
 # -- basis-free fingerprints, streaming, checkpoint suites ----------------------------------------

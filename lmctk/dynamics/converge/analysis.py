@@ -232,7 +232,7 @@ class ConvergeResult:
                              "mean": {k: self.similarity(k) for k in fingerprints.SIMILARITIES},
                              "per_seed": {k: self.similarity(k, True) for k in fingerprints.SIMILARITIES}},
             "loss": {"per_seed": self.series("losses"), "mean": [s.loss["mean"] for s in p],
-                     "std": [s.loss["std"] for s in p], "std_is": "sample std (ddof=1); null with one seed"},
+                     "std": [s.loss["std"] for s in p], "std_is": "sample std (ddof=1) over seeds; std and CV null (undefined) with one seed"},
             "loss_cv": [s.loss["cv"] for s in p],
             "phases": self.phases.to_dict(),
             "regimes": {**self.regimes.to_dict(), "source": self.regimes_from} if self.regimes else None,
