@@ -242,7 +242,7 @@ def test_cli_needs_two_runs(runs):
 
 def test_recipe_in_repo_parses_and_unknown_keys_are_errors(tmp_path):
     recipe = load_converge_recipe(Path(__file__).parent.parent / "recipes" / "converge-tiny-gpt.toml")
-    assert isinstance(recipe, ConvergeRecipe) and len(recipe.converge.seeds) == 4
+    assert isinstance(recipe, ConvergeRecipe) and len(recipe.converge.seeds) == 3
     assert recipe.train.model == "gpt_neox"
     bad = tmp_path / "bad.toml"
     bad.write_text('[converge]\nseeds = [0, 1]\n[train]\ntask = "text"\nstpes = 5\n')
@@ -382,3 +382,17 @@ def test_cli_reads_a_checkpoint_suite_with_a_local_tokenizer_in_flat_memory(tmp_
     assert [r["stratum"] for r in data["kl"]["strata"]["frequency"] if r["count"]] == ["1-9"]
     few, many = (bench.peak_rss(tmp_path, seeds, bench.STEPS[-n:], 64) for n in (4, 12))
     assert many < few + 20, (few, many)  # MB: nothing per step is kept
+
+
+def test_masked_lm_suite_of_bf16_hf_dirs_is_read_through_text_mlm(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(vocab_size=257, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,  # bytes + mask id
+                        intermediate_size=32, max_position_embeddings=64)
+    for seed in (0, 1):
+        for step in (0, 5, 50):
+            torch.manual_seed(100 * seed + step)
+            BertForMaskedLM(config).to(torch.bfloat16).save_pretrained(tmp_path / f"seed{seed}" / f"checkpoint-{step}")
+    result = _analyse([tmp_path / "seed0", tmp_path / "seed1"], task="text-mlm", task_options=TASK_OPTIONS)
+    assert result.steps == [0, 5, 50] and result.layers == ["embed", "layer1"]
+    assert all(math.isfinite(s.kl) and s.kl > 0 for s in result.per_step)
