@@ -2,9 +2,12 @@
 
 The tree: per seed a dir of HF checkpoint dirs `step<N>/` (a tiny GPT-NeoX saved in bf16 by
 `save_pretrained`), a local byte-level tokenizer dir (`tokenizers` BPE without merges, saved as a
-`PreTrainedTokenizerFast`) and a UTF-8 evaluation text. Each measurement is a fresh subprocess
-running the CLI and reporting its own peak RSS; flat in the number of steps means each step is
-reduced to its summaries before the next. `--ref COMMIT` measures lmctk as of that commit too.
+`PreTrainedTokenizerFast`), a UTF-8 evaluation text and its ids (`eval.npy`). Each measurement is a
+fresh subprocess running the CLI on the ids (tokenizing megabytes of text in one call peaks far
+above the evaluation itself and would hide it) and reporting its own peak RSS; flat in the number
+of steps means each step is reduced to its summaries before the next. `--ref COMMIT` also measures
+lmctk as of that commit, with the current `loading.py` (older loaders cannot read the legacy
+`embed_out` key that transformers 5 `save_pretrained` writes).
 
 Run: `.venv/bin/python benchmarks/bench_converge_memory.py [--steps 4,12] [--eval-windows 1280]`
 """
@@ -17,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000]
@@ -49,7 +54,9 @@ def build_suite(root: Path, seeds: int = 3, steps: list[int] = STEPS, text_bytes
 
     build_tokenizer(root / "tokenizer")
     text = default_text()
-    (root / "eval.txt").write_text((text * (text_bytes // len(text) + 1))[:text_bytes], encoding="utf-8")
+    text = (text * (text_bytes // len(text) + 1))[:text_bytes]
+    (root / "eval.txt").write_text(text, encoding="utf-8")
+    np.save(root / "eval.npy", np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64))
     config = GPTNeoXConfig(vocab_size=256, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                            intermediate_size=32, max_position_embeddings=64)
     dirs = []
@@ -63,10 +70,10 @@ def build_suite(root: Path, seeds: int = 3, steps: list[int] = STEPS, text_bytes
 
 def peak_rss(root: Path, seeds: list[Path], steps: list[int], eval_windows: int, src: Path = ROOT) -> float:
     """Peak RSS (MB) of one `lmctk converge` subprocess over `steps` with lmctk from `src`."""
-    args = [*map(str, seeds), "--task", "text", "--task-opt", f"path={root / 'eval.txt'}",
-            "--task-opt", f"tokenizer={root / 'tokenizer'}", "--task-opt", f"eval_windows={eval_windows}",
+    args = [*map(str, seeds), "--task", "text", "--task-opt", f"tokens={root / 'eval.npy'}",
+            "--task-opt", "vocab_size=256", "--task-opt", f"eval_windows={eval_windows}",
             "--steps", ",".join(map(str, steps)), "--probe", "4"]
-    done = subprocess.run([sys.executable, "-c", _MEASURE, "converge", *args], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", _MEASURE, "converge", *args], capture_output=True, text=True, cwd=src,
                           env={"PYTHONPATH": str(src), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
     if done.returncode != 0 or not last.startswith("{") or json.loads(last)["code"] != 0:
@@ -87,6 +94,7 @@ def main() -> None:
         sources = {"current": ROOT}
         if opts.ref:
             subprocess.run(f"git -C {ROOT} archive {opts.ref} lmctk | tar -x -C {root}", shell=True, check=True)
+            (root / "lmctk" / "loading.py").write_text((ROOT / "lmctk" / "loading.py").read_text())
             sources[opts.ref] = root
         for name, src in sources.items():
             rss = {n: peak_rss(root, seeds, STEPS[-n:], opts.eval_windows, src) for n in counts}

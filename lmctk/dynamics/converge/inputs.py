@@ -28,7 +28,8 @@ class Run:
     @classmethod
     def open(cls, path: str | Path) -> "Run":
         """An lmctk run dir (manifest + checkpoints/stepNNNNNNNN) or a dir of HF dirs named `step<N>`
-        or `checkpoint-<N>` (as multi-seed suites publish them)."""
+        or `checkpoint-<N>` (as multi-seed suites publish them). Steps are found from names alone;
+        no weights are read until a step is evaluated."""
         path = Path(path)
         if not path.is_dir():
             raise MissingPathError(path, "run directory")
