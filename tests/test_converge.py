@@ -12,9 +12,9 @@ from lmctk.cli import main
 from lmctk.dynamics.converge.analysis import converge
 from lmctk.dynamics.converge.inputs import load_classes
 from lmctk.dynamics.converge.phases import PHASES, detect_phases
+from lmctk.dynamics.converge.recipe import ConvergeRecipe, load_converge_recipe
 from lmctk.dynamics.converge.regimes import seed_regimes
 from lmctk.dynamics.fingerprints import SIMILARITIES
-from lmctk.dynamics.converge.recipe import ConvergeRecipe, load_converge_recipe
 from lmctk.errors import ConfigError
 from lmctk.tasks import get_task
 from lmctk.train import TrainConfig, fit
