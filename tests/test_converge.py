@@ -306,7 +306,8 @@ def test_permuted_copy_has_gram_and_aligned_cosine_one_and_raw_cosine_near_zero(
         model = _neox(step).to(torch.bfloat16)  # saved in bf16, upcast to fp32 for the evaluation
         model.save_pretrained(seeds[0] / f"step{step}")
         spec = spec_for(model)
-        model.load_state_dict(permute_state(model.state_dict(), spec, random_perms(spec, torch.Generator().manual_seed(step))))
+        perms = random_perms(spec, torch.Generator().manual_seed(step))
+        model.load_state_dict(permute_state(model.state_dict(), spec, perms))
         model.save_pretrained(seeds[1] / f"checkpoint-{step}")
     result = _analyse(seeds, task="text", task_options=TASK_OPTIONS)
     assert result.steps == [0, 10] and result.layers == ["embed", "layer1", "layer2"]

@@ -68,7 +68,8 @@ def converge(
     with console.status("evaluating seeds") as status:
         result = analyse(
             runs, task, task_options=options, steps=parse_list(steps, "--steps") if steps else None, classes=class_file,
-            counts=counts, device=device, batched=not no_vmap, progress=lambda n, total: status.update(f"evaluated step {n}/{total}"),
+            counts=counts, device=device, batched=not no_vmap,
+            progress=lambda n, total: status.update(f"evaluated step {n}/{total}"),
             **{key: value for key, value in settings.items() if value is not None},
         )
     console.print(render(result))

@@ -232,7 +232,8 @@ class ConvergeResult:
                              "mean": {k: self.similarity(k) for k in fingerprints.SIMILARITIES},
                              "per_seed": {k: self.similarity(k, True) for k in fingerprints.SIMILARITIES}},
             "loss": {"per_seed": self.series("losses"), "mean": [s.loss["mean"] for s in p],
-                     "std": [s.loss["std"] for s in p], "std_is": "sample std (ddof=1) over seeds; std and CV null (undefined) with one seed"},
+                     "std": [s.loss["std"] for s in p],
+                     "std_is": "sample std (ddof=1) over seeds; std and CV null (undefined) with one seed"},
             "loss_cv": [s.loss["cv"] for s in p],
             "phases": self.phases.to_dict(),
             "regimes": {**self.regimes.to_dict(), "source": self.regimes_from} if self.regimes else None,
@@ -307,10 +308,12 @@ def _regimes(steps: list[int], per_step: list[StepMetrics], source: str, k: int,
     return seed_regimes(steps, curves)
 
 
-def _evaluate_steps(evaluator: Evaluator, runs: list[Run], chosen: list[int], strata_inputs: tuple,
+def _evaluate_steps(evaluator: Evaluator, runs: list[Run], chosen: list[int],
+                    strata_inputs: tuple[str | Path | None, str | Path | None, list[str]],
                     progress: Callable[[int, int], None] | None) -> tuple[list[StepMetrics], list[dict[str, float]]]:
     """Every chosen step reduced to its summaries as soon as it is evaluated, the final step first
-    (its surprisal defines the strata of every step); and the ensemble diversity at the final step."""
+    (its surprisal defines the strata of every step); and the ensemble diversity at the final step.
+    `strata_inputs` is (classes file, counts file, notes) for `_strata_labels`."""
     order = [chosen[-1], *chosen[:-1]]
     per_step, strata, diversity = {}, None, []
     for n, s in enumerate(order):
