@@ -22,6 +22,7 @@ __all__ = [
     "expected_kl",
     "fingerprint_cosine",
     "frequency_buckets",
+    "gram_cosine",
     "linear_cka",
     "loss_spread",
     "mean_over_pairs",
@@ -221,6 +222,9 @@ def frequency_buckets(counts: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
 def fingerprint_cosine(a: torch.Tensor, b: torch.Tensor, centred: bool = False) -> float:
     """Cosine similarity of two seeds' activations (n, ...) on the same probe inputs, flattened.
 
+    Basis-dependent: hidden units are permuted between seeds, so it is ~0 for seeds that learned the
+    same function in a different basis (see `gram_cosine`).
+
     `centred` first subtracts each feature's mean over the n probe rows (both seeds separately), so
     a shared offset (e.g. a large common bias direction) does not count as agreement.
     """
@@ -233,6 +237,17 @@ def fingerprint_cosine(a: torch.Tensor, b: torch.Tensor, centred: bool = False) 
     if not bool(denom > 0):
         return math.nan
     return float((x * y).sum() / denom)
+
+
+def gram_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine of two seeds' centred probe-by-probe Gram matrices: a basis-free activation fingerprint.
+
+    With X (n probe rows, d units) and G = H X Xᵀ H (H = I − 11ᵀ/n, i.e. X column-centred: X̃ X̃ᵀ),
+    ⟨G_X, G_Y⟩_F = ‖X̃ᵀỸ‖²_F and ‖G_X‖_F = ‖X̃ᵀX̃‖_F, so this is exactly the biased linear CKA of
+    X and Y (the RV coefficient of X̃, Ỹ), not the debiased estimator `linear_cka` returns by default.
+    Invariant to any orthogonal map of the units (a permutation included) and to scale; float64.
+    """
+    return linear_cka(a, b, debiased=False)
 
 
 def mean_over_pairs(values: torch.Tensor) -> float:

@@ -11,8 +11,10 @@ import torch
 from lmctk.cli import main
 from lmctk.dynamics.converge.analysis import converge
 from lmctk.dynamics.converge.inputs import load_classes
-from lmctk.dynamics.converge.phases import PHASES, detect_phases, seed_regimes
+from lmctk.dynamics.converge.phases import PHASES, detect_phases
 from lmctk.dynamics.converge.recipe import ConvergeRecipe, load_converge_recipe
+from lmctk.dynamics.converge.regimes import seed_regimes
+from lmctk.dynamics.fingerprints import SIMILARITIES
 from lmctk.errors import ConfigError
 from lmctk.tasks import get_task
 from lmctk.train import TrainConfig, fit
@@ -44,13 +46,14 @@ def _analyse(paths, **kw):
 
 
 @pytest.mark.parametrize("pair", [("a", "a"), ("a", "a_again")], ids=["same-dir-twice", "same-seed"])
-def test_identical_runs_give_kl_zero_fingerprint_one_cka_one(runs, pair):
+def test_identical_runs_give_kl_zero_and_every_similarity_one(runs, pair):
     result = _analyse([runs[pair[0]], runs[pair[1]]])
     assert result.steps == STEPS
     for s in result.per_step:
         assert s.kl == 0.0
-        assert all(v == pytest.approx(1.0, abs=1e-6) for v in s.fingerprint_raw + s.fingerprint_centred)
-        assert all(v == pytest.approx(1.0, abs=1e-6) for v in s.cka)
+        assert set(s.similarity) == set(SIMILARITIES)
+        for kind, values in s.similarity.items():
+            assert values == pytest.approx([1.0] * len(values), abs=1e-6), kind
         assert s.loss["cv"] == pytest.approx(0.0, abs=1e-12)
     assert len(result.layers) == 2  # embeddings + one block
 
@@ -69,7 +72,7 @@ def test_stacked_vmap_evaluation_equals_one_model_at_a_time(runs):
     looped = _analyse([runs["a"], runs["b"]], batched=False)
     for s, t in zip(stacked.per_step, looped.per_step):
         assert s.kl == pytest.approx(t.kl, rel=1e-4, abs=1e-7)
-        assert s.cka == pytest.approx(t.cka, rel=1e-4)
+        assert s.similarity["cka"] == pytest.approx(t.similarity["cka"], rel=1e-4)
         assert s.losses == pytest.approx(t.losses, rel=1e-5)
 
 
@@ -131,7 +134,7 @@ def test_classifier_runs_use_block_hooks_for_layers(tmp_path):
         paths.append(fit(config, tmp_path / f"mlp{seed}").run_dir)
     same = _analyse([paths[0], paths[0]])
     assert same.layers == ["hidden.0", "hidden.1"]
-    assert all(s.kl == 0.0 and s.cka == pytest.approx([1.0, 1.0]) for s in same.per_step)
+    assert all(s.kl == 0.0 and s.similarity["gram"] == pytest.approx([1.0, 1.0]) for s in same.per_step)
     stacked, looped = _analyse(paths), _analyse(paths, batched=False)
     assert stacked.per_step[-1].kl > 0
     assert stacked.per_step[-1].kl == pytest.approx(looped.per_step[-1].kl, rel=1e-5)
@@ -195,6 +198,7 @@ def test_seed_regimes_and_synchronisation_spread():
     stable = [c["stable"] for c in regimes.crossings]
     assert transition == sorted(transition) and stable == sorted(stable)
     assert regimes.spread["stable"] == pytest.approx(20, abs=2)
+    assert regimes.resolution == {"transition": 5, "stable": 5}  # checkpoint spacing around the crossings
     assert regimes.labels[0][0] == "chaotic" and regimes.labels[2][-1] == "stable"
     assert regimes.labels[2][steps.index(50)] == "transition"
 
@@ -208,7 +212,9 @@ def test_cli_writes_json_with_plain_keys_and_plots(runs, tmp_path):
                  "--json", str(out), "--plot", str(tmp_path / "plots")])
     assert code == 0
     data = json.loads(out.read_text())
-    assert {"kl", "fingerprint_cosine", "cka", "loss_cv", "phases"} <= set(data)
+    assert {"kl", "fingerprints", "loss_cv", "phases", "regimes"} <= set(data)
+    assert set(data["fingerprints"]["mean"]) == set(SIMILARITIES) and data["regimes"]["source"] == "gram"
+    assert data["loss"]["std_is"].startswith("sample std (ddof=1)")
     assert data["steps"] == STEPS and len(data["kl"]["mean"]) == len(STEPS)
     assert (tmp_path / "plots" / "convergence.png").stat().st_size > 0
     assert (tmp_path / "plots" / "fingerprint.png").stat().st_size > 0
@@ -236,7 +242,7 @@ def test_cli_needs_two_runs(runs):
 
 def test_recipe_in_repo_parses_and_unknown_keys_are_errors(tmp_path):
     recipe = load_converge_recipe(Path(__file__).parent.parent / "recipes" / "converge-tiny-gpt.toml")
-    assert isinstance(recipe, ConvergeRecipe) and len(recipe.converge.seeds) == 4
+    assert isinstance(recipe, ConvergeRecipe) and len(recipe.converge.seeds) == 3
     assert recipe.train.model == "gpt_neox"
     bad = tmp_path / "bad.toml"
     bad.write_text('[converge]\nseeds = [0, 1]\n[train]\ntask = "text"\nstpes = 5\n')
@@ -260,22 +266,134 @@ def test_cli_options_override_the_recipe(tmp_path, monkeypatch):
                       '[train]\ntask = "text"\nmodel = "gpt_neox"\nsteps = 8\n')
     with pytest.raises(Analysed) as got:
         main(["converge", "--recipe", str(recipe), "--out", str(tmp_path / "runs"), "--probe", "2",
-              "--regimes", "fingerprint"])
+              "--regimes", "aligned"])
     kw = got.value.args[0]
-    assert (kw["probe"], kw["batch_size"], kw["regimes_from"]) == (2, 4, "fingerprint")
+    assert (kw["probe"], kw["batch_size"], kw["regimes_from"]) == (2, 4, "aligned")
 
 
 @pytest.mark.slow
-def test_cli_recipe_trains_seeds_then_analyses(tmp_path):
-    recipe = tmp_path / "tiny.toml"
-    recipe.write_text(
-        '[converge]\nseeds = [0, 1]\nlog_checkpoints = 3\nprobe = 4\nbatch_size = 4\n'
-        '[train]\ntask = "text"\ntask_options = { seq_len = 16, eval_windows = 8 }\nmodel = "gpt_neox"\n'
-        'model_options = { layers = 1, hidden = 16, heads = 2, intermediate = 32 }\n'
-        'steps = 8\nbatch_size = 4\nlr = 1e-2\neval_every = 8\n'
-    )
+def test_cli_trains_the_repo_recipe_shrunk_by_set_overrides_then_analyses(tmp_path):
+    recipe = Path(__file__).parent.parent / "recipes" / "converge-tiny-gpt.toml"
+    shrink = ["converge.seeds=[0, 1]", "converge.log_checkpoints=3", "converge.probe=4", "converge.batch_size=4",
+              "train.task_options={ seq_len = 16, eval_windows = 8 }", "train.steps=8", "train.batch_size=4",
+              "train.warmup=2", "train.eval_every=8",
+              "train.model_options={ layers = 1, hidden = 16, heads = 2, intermediate = 32, initializer_range = 0.1 }"]
     out = tmp_path / "runs"
-    assert main(["converge", "--recipe", str(recipe), "--out", str(out), "--json", str(tmp_path / "r.json")]) == 0
+    assert main(["converge", "--recipe", str(recipe), "--out", str(out), "--json", str(tmp_path / "r.json"),
+                 *[a for item in shrink for a in ("--set", item)]]) == 0
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["steps"] == [0, 1, 3, 8] and (out / "plots" / "convergence.png").is_file()
     assert (out / "seed0" / "manifest.json").is_file() and (out / "seed1" / "manifest.json").is_file()
+    assert main(["converge", str(out / "seed0"), str(out / "seed1"), "--set", "train.steps=4"]) == 2  # no --recipe
+
+
+# -- basis-free fingerprints, streaming, checkpoint suites ----------------------------------------
+
+
+def _neox(seed: int):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=256, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                            intermediate_size=32, max_position_embeddings=64)).eval()
+
+
+def test_permuted_copy_has_gram_and_aligned_cosine_one_and_raw_cosine_near_zero(tmp_path):
+    from lmctk.spec import permute_state, random_perms, spec_for
+
+    seeds = [tmp_path / "seed_a", tmp_path / "seed_b"]
+    for step in (0, 10):
+        model = _neox(step).to(torch.bfloat16)  # saved in bf16, upcast to fp32 for the evaluation
+        model.save_pretrained(seeds[0] / f"step{step}")
+        spec = spec_for(model)
+        perms = random_perms(spec, torch.Generator().manual_seed(step))
+        model.load_state_dict(permute_state(model.state_dict(), spec, perms))
+        model.save_pretrained(seeds[1] / f"checkpoint-{step}")
+    result = _analyse(seeds, task="text", task_options=TASK_OPTIONS)
+    assert result.steps == [0, 10] and result.layers == ["embed", "layer1", "layer2"]
+    for s in result.per_step:
+        assert s.kl == pytest.approx(0.0, abs=1e-5)  # the same function
+        assert s.similarity["gram"] == pytest.approx([1.0] * 3, abs=1e-6)
+        assert s.similarity["aligned"] == pytest.approx([1.0] * 3, abs=1e-6)
+        assert all(abs(v) < 0.3 for v in s.similarity["raw"]), s.similarity["raw"]  # basis-dependent
+
+
+def test_each_step_is_reduced_before_the_next_is_evaluated(runs, monkeypatch):
+    import weakref
+
+    from lmctk.dynamics.converge.analysis import Evaluator
+
+    alive, run = [], Evaluator.run
+
+    def tracked(self, dirs, diversity=False):
+        assert all(ref() is None for ref in alive), "a previous step's per-token outputs are still held"
+        out = run(self, dirs, diversity)
+        alive.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(Evaluator, "run", tracked)
+    result = _analyse([runs["a"], runs["b"]])
+    assert len(alive) == len(STEPS) and result.steps == STEPS
+
+
+def test_counts_file_sets_the_frequency_strata(runs, tmp_path):
+    counts = tmp_path / "counts.txt"
+    counts.write_text(" ".join(["0"] * 97 + ["5000"]))  # only 'a' (id 97) was ever seen
+    result = _analyse([runs["a"], runs["b"]], counts=counts)
+    rows = {r["stratum"]: r["count"] for r in result.per_step[0].strata["frequency"]}
+    assert set(rows) == {"unseen", "1-9", "10-99", "100-999", "1000-9999"}
+    assert rows["1000-9999"] == int((result_targets := _targets(runs)).eq(97).sum()) and rows["1-9"] == 0
+    assert sum(rows.values()) == len(result_targets)
+    counts.write_text(" ".join(["1"] * 300))
+    with pytest.raises(ConfigError, match="300 counts but task 'text' has a vocabulary of 256"):
+        _analyse([runs["a"], runs["b"]], counts=counts)
+
+
+def _targets(runs) -> torch.Tensor:
+    task = get_task("text", **TASK_OPTIONS)
+    from lmctk.dynamics.converge.analysis import _scored_positions
+
+    return torch.cat(_scored_positions(task.eval_batches("test", "cpu", 4))[1])
+
+
+def _bench():
+    import importlib.util
+
+    path = Path(__file__).parent.parent / "benchmarks" / "bench_converge_memory.py"
+    spec = importlib.util.spec_from_file_location("bench_converge_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_cli_reads_a_checkpoint_suite_with_a_local_tokenizer_in_flat_memory(tmp_path):
+    bench = _bench()
+    seeds = bench.build_suite(tmp_path, seeds=3, steps=bench.STEPS, text_bytes=20 * 64 * 64 + 1)
+    shutil.copytree(seeds[0] / "step1000", seeds[0] / "step1500")  # a step the other seeds lack
+    counts = tmp_path / "counts.txt"
+    counts.write_text(" ".join(["7"] * 256))
+    out = tmp_path / "r.json"
+    assert main(["converge", *map(str, seeds), "--task", "text", "--task-opt", f"path={tmp_path / 'eval.txt'}",
+                 "--task-opt", f"tokenizer={tmp_path / 'tokenizer'}", "--counts", str(counts), "--probe", "4",
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["steps"] == bench.STEPS and data["missing_steps"] == {str(seeds[1]): [1500], str(seeds[2]): [1500]}
+    assert all(math.isfinite(v) and v > 0 for v in data["kl"]["mean"])  # bf16 weights, fp32 KL
+    assert [r["stratum"] for r in data["kl"]["strata"]["frequency"] if r["count"]] == ["1-9"]
+    few, many = (bench.peak_rss(tmp_path, seeds, bench.STEPS[-n:], 64) for n in (4, 12))
+    assert many < few + 20, (few, many)  # MB: nothing per step is kept
+
+
+def test_masked_lm_suite_of_bf16_hf_dirs_is_read_through_text_mlm(tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(vocab_size=257, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,  # bytes + mask id
+                        intermediate_size=32, max_position_embeddings=64)
+    for seed in (0, 1):
+        for step in (0, 5, 50):
+            torch.manual_seed(100 * seed + step)
+            BertForMaskedLM(config).to(torch.bfloat16).save_pretrained(tmp_path / f"seed{seed}" / f"checkpoint-{step}")
+    result = _analyse([tmp_path / "seed0", tmp_path / "seed1"], task="text-mlm", task_options=TASK_OPTIONS)
+    assert result.steps == [0, 5, 50] and result.layers == ["embed", "layer1"]
+    assert all(math.isfinite(s.kl) and s.kl > 0 for s in result.per_step)

@@ -230,9 +230,10 @@ def test_kl_with_masked_vocab_is_finite_or_inf_never_nan():
     assert kl[0, 1].item() == 0.0 and kl[0, 2].item() == float("inf")
 
 
-def test_one_seed_loss_std_is_nan():
+def test_one_seed_loss_std_and_cv_are_nan():
     import math
 
     from lmctk.metrics import loss_spread
 
-    assert math.isnan(loss_spread(torch.tensor([1.0]))["std"])
+    spread = loss_spread(torch.tensor([1.0]))
+    assert spread["mean"] == 1.0 and math.isnan(spread["std"]) and math.isnan(spread["cv"])  # undefined, not 0

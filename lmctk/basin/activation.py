@@ -69,6 +69,13 @@ class _CrossCorrelation:
         return cov / (std_a[:, None] * std_b[None, :])
 
 
+def unit_correlation(fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation [d_a, d_b] of A's and B's units (columns of fa, fb) over the same rows (float64)."""
+    acc = _CrossCorrelation()
+    acc.update(fa, fb)
+    return acc.correlation()
+
+
 def _features(output: Any, out_dim: int) -> torch.Tensor:
     out = output[0] if isinstance(output, tuple) else output
     return out.detach().movedim(out_dim, -1).reshape(-1, out.shape[out_dim])

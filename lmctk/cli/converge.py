@@ -19,10 +19,12 @@ def converge(
     task_opt: list[str] = typer.Option([], "--task-opt", help="Task option key=value (repeatable)."),
     steps: Optional[str] = typer.Option(None, help="Analyse only these common steps, e.g. 0,10,100."),
     classes: Optional[Path] = typer.Option(None, help="Token classes: JSON {token: class} or token<TAB>class lines."),
+    counts: Optional[Path] = typer.Option(None, help="Token counts for frequency strata (.npy or integers: count of "
+                                                     "id i at position i); default: count the task's training text."),
     probe: Optional[int] = typer.Option(None, help="Probe examples for fingerprints/CKA (default: recipe's, else 16)."),
     batch_size: Optional[int] = typer.Option(None, help="Eval examples per forward (default: recipe's, else 16)."),
-    regimes: Optional[str] = typer.Option(None, help="Seed regimes from fingerprint (centred cosine) or cka "
-                                                     "(default: recipe's, else fingerprint)."),
+    regimes: Optional[str] = typer.Option(None, help="Similarity the seed regimes come from: gram (default), aligned, "
+                                                     "cka, raw, centred (default: recipe's, else gram)."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N."),
     no_vmap: bool = typer.Option(False, "--no-vmap", help="Evaluate the seeds one at a time instead of stacked."),
     recipe: Optional[Path] = typer.Option(None, help="Train the recipe's seeds into --out first, then analyse them."),
@@ -67,7 +69,7 @@ def converge(
     with Progress("converge: evaluated steps", console=console, quiet=quiet) as bar:
         result = analyse(
             runs, task, task_options=options, steps=parse_list(steps, "--steps") if steps else None, classes=class_file,
-            device=device, batched=not no_vmap, progress=lambda n, total: bar.update(n, total),
+            counts=counts, device=device, batched=not no_vmap, progress=lambda n, total: bar.update(n, total),
             **{key: value for key, value in settings.items() if value is not None},
         )
     console.print(render(result))

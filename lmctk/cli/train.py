@@ -26,7 +26,6 @@ def train(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
 ) -> None:
     """Train a model deterministically into a run directory."""
-    from lmctk.rundir import MANIFEST
     from lmctk.train import fit, log_spaced_steps
 
     if config_fields["checkpoints"] and log_checkpoints:
@@ -34,8 +33,8 @@ def train(
     if log_checkpoints:
         config_fields["checkpoints"] = log_spaced_steps(log_checkpoints, config_fields["steps"])
     config = TrainConfig(**config_fields)
-    if resume and not (out / MANIFEST).is_file():
-        raise ConfigError(f"nothing to resume at {out} (no {MANIFEST}); drop --resume")
+    if resume and not out.exists():  # a dir without a manifest was killed before it began: fit starts it afresh
+        raise ConfigError(f"nothing to resume at {out} (it does not exist); drop --resume")
     if not resume or json_out is not None:
         refuse_existing([json_out], overwrite)
     with Progress("train step", config.steps, console=console, quiet=quiet) as bar:

@@ -49,9 +49,9 @@ def _read_text(path: str | Path | None) -> str:
         ) from err
 
 
-def _read_token_file(path: str | Path) -> torch.Tensor:
-    """Ids from a `.npy` 1-D integer array or a text file of whitespace-separated integers."""
-    path = _existing(path, "token-id file")
+def read_int_file(path: str | Path, what: str = "token-id file") -> torch.Tensor:
+    """Non-negative integers from a `.npy` 1-D integer array or a text file of whitespace-separated integers."""
+    path = _existing(path, what)
     try:
         array = (
             np.load(path, allow_pickle=False)
@@ -60,11 +60,11 @@ def _read_token_file(path: str | Path) -> torch.Tensor:
         )
     except ValueError as err:
         raise ConfigError(
-            f"{path}: not a token-id file ({err}); give a 1-D int .npy or whitespace-separated ints"
+            f"{path}: not a {what} ({err}); give a 1-D int .npy or whitespace-separated ints"
         ) from err
     if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer) or (array < 0).any():
         raise ConfigError(
-            f"{path}: token ids must be a 1-D array of non-negative integers; got {array.dtype} {array.shape}"
+            f"{path}: a {what} must be a 1-D array of non-negative integers; got {array.dtype} {array.shape}"
         )
     return torch.from_numpy(array.astype(np.int64))
 
@@ -103,7 +103,7 @@ def load_tokens(
     if tokens is not None and (path is not None or tokenizer is not None):
         raise ConfigError("text: tokens= is already tokenized; give either tokens= or path=/tokenizer=")
     if tokens is not None:
-        ids = _read_token_file(tokens)
+        ids = read_int_file(tokens)
         stream = Tokens(ids, _id_bound(ids), lambda ids: " ".join(map(str, ids)))
     elif tokenizer is not None:
         stream = _tokenizer_tokens(_read_text(path), tokenizer)

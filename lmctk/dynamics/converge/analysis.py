@@ -3,8 +3,10 @@
 For every step present in all runs, the K models are evaluated together (parameters stacked,
 `torch.func.vmap` over `functional_call`) on the task's fixed test set and a probe batch:
 expected per-token KL over ordered seed pairs (fp32, SE over contexts, strata), per-layer
-activation fingerprints and debiased linear CKA, loss spread. Then `lmctk.dynamics.converge.phases` segments the KL
-curve and labels seed regimes. Computation returns a `ConvergeResult`; `lmctk.dynamics.converge.report` renders it.
+activation similarities (`lmctk.dynamics.fingerprints`), loss spread. Each step is reduced to its
+summaries as soon as it is evaluated (the final step first: it defines the surprisal strata), so
+memory does not grow with the number of steps. Then `phases` segments the KL curve and `regimes`
+labels seed regimes. Computation returns a `ConvergeResult`; `report` renders it.
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from lmctk import metrics
-from lmctk.dynamics.converge.inputs import Run, common_steps, load_classes, train_counts
-from lmctk.dynamics.converge.phases import (
-    PhaseFit,
-    Regimes,
-    detect_phases,
-    seed_regimes,
+from lmctk.dynamics import fingerprints
+from lmctk.dynamics.converge.inputs import (
+    Run,
+    common_steps,
+    load_classes,
+    load_counts,
+    train_counts,
 )
+from lmctk.dynamics.converge.phases import PhaseFit, detect_phases
+from lmctk.dynamics.converge.regimes import Regimes, seed_regimes
 from lmctk.dynamics.probes import layer_outputs
 from lmctk.errors import ConfigError
 from lmctk.io import load_state
@@ -53,6 +58,7 @@ class Evaluator:
     Scored tokens are the same at every step: `targets` [N] and `clusters` [N] (context index).
     Per-layer activations come from HF `hidden_states` (rows = tokens) or, for other models, from
     forward hooks on the blocks of the first `nn.ModuleList` (e.g. MLP `hidden`, CNN `blocks`; rows = examples).
+    Checkpoints are copied into the skeleton's parameters, so bf16/fp16 weights are upcast to its fp32.
     """
 
     def __init__(self, model: nn.Module, k: int, task: Task, *, device: str = "cpu",
@@ -183,11 +189,8 @@ class StepMetrics:
     kl_se: float
     kl_pairs: list[list[float]]  # [i][j] mean KL(p_i ‖ p_j)
     strata: dict[str, list[dict[str, Any]]]
-    fingerprint_raw: list[float]  # per layer, mean over seed pairs
-    fingerprint_centred: list[float]
-    fingerprint_seed: list[list[float]]  # [seed][layer] centred, mean over the other seeds
-    cka: list[float]  # per layer, debiased linear CKA, mean over seed pairs
-    cka_seed: list[list[float]]  # [seed][layer] CKA to the other seeds, mean over them
+    similarity: dict[str, list[float]]  # kind (fingerprints.SIMILARITIES) -> per layer, mean over seed pairs
+    similarity_seed: dict[str, list[list[float]]]  # kind -> [seed][layer], mean over the other seeds
     losses: list[float]  # per seed
     loss: dict[str, float]  # mean, std, cv
 
@@ -205,10 +208,14 @@ class ConvergeResult:
     regimes: Regimes | None
     diversity: list[dict[str, float]]
     notes: list[str] = field(default_factory=list)
-    regimes_from: str = "fingerprint"  # the per-seed curves the regimes come from: fingerprint | cka
+    regimes_from: str = fingerprints.DEFAULT  # the similarity whose per-seed curves give the regimes
 
-    def series(self, name: str) -> list[float]:
+    def series(self, name: str) -> list[Any]:
         return [getattr(s, name) for s in self.per_step]
+
+    def similarity(self, kind: str, per_seed: bool = False) -> list[Any]:
+        """One similarity over steps: [step][layer] (mean over pairs) or [step][seed][layer]."""
+        return [(s.similarity_seed if per_seed else s.similarity)[kind] for s in self.per_step]
 
     def to_dict(self) -> dict[str, Any]:
         p = self.per_step
@@ -225,13 +232,14 @@ class ConvergeResult:
             "missing_steps": self.missing_steps,
             "kl": {"mean": self.series("kl"), "se": self.series("kl_se"), "pairs": self.series("kl_pairs"),
                    "strata": strata},
-            "fingerprint_cosine": {"layers": self.layers, "raw": self.series("fingerprint_raw"),
-                                   "centred": self.series("fingerprint_centred"),
-                                   "per_seed_centred": self.series("fingerprint_seed")},
-            "cka": {"layers": self.layers, "debiased_linear": self.series("cka"),
-                    "per_seed": self.series("cka_seed")},
+            "fingerprints": {"layers": self.layers, "labels": fingerprints.LABELS,
+                             "basis_free": list(fingerprints.BASIS_FREE),
+                             "basis_dependent": list(fingerprints.BASIS_DEPENDENT),
+                             "mean": {k: self.similarity(k) for k in fingerprints.SIMILARITIES},
+                             "per_seed": {k: self.similarity(k, True) for k in fingerprints.SIMILARITIES}},
             "loss": {"per_seed": self.series("losses"), "mean": [s.loss["mean"] for s in p],
-                     "std": [s.loss["std"] for s in p], "std_is": "sample std (ddof=1); null with one seed"},
+                     "std": [s.loss["std"] for s in p],
+                     "std_is": "sample std (ddof=1) over seeds; std and CV null (undefined) with one seed"},
             "loss_cv": [s.loss["cv"] for s in p],
             "phases": self.phases.to_dict(),
             "regimes": {**self.regimes.to_dict(), "source": self.regimes_from} if self.regimes else None,
@@ -243,30 +251,26 @@ class ConvergeResult:
 # -- the analysis -------------------------------------------------------------------------------
 
 
-def _layer_summaries(activations: list[torch.Tensor]) -> dict[str, list]:
-    """Per layer: fingerprint cosine (raw, centred) and debiased CKA, mean over seed pairs and per seed."""
-    stats: dict[str, list] = {"raw": [], "centred": [], "cka": [], "seed_fp": [], "seed_cka": []}
-    for acts in activations:
-        items = list(acts.unbind(0))
-        stats["raw"].append(metrics.mean_over_pairs(metrics.pair_matrix(items, metrics.fingerprint_cosine)))
-        cen = metrics.pair_matrix(items, lambda a, b: metrics.fingerprint_cosine(a, b, centred=True))
-        stats["centred"].append(metrics.mean_over_pairs(cen))
-        stats["seed_fp"].append(_others_mean(cen))
-        ckas = metrics.pair_matrix(items, metrics.linear_cka)
-        stats["cka"].append(metrics.mean_over_pairs(ckas))
-        stats["seed_cka"].append(_others_mean(ckas))
-    return stats
+def _layer_summaries(activations: list[torch.Tensor], k: int) -> tuple[dict[str, list], dict[str, list]]:
+    """Per similarity kind: per layer the mean over seed pairs, and [seed][layer] the mean over the other seeds."""
+    means, seeds = {}, {}
+    for kind, fn in fingerprints.SIMILARITIES.items():
+        pairs = [metrics.pair_matrix(list(acts.unbind(0)), fn) for acts in activations]
+        means[kind] = [metrics.mean_over_pairs(m) for m in pairs]
+        seeds[kind] = _by_seed([_others_mean(m) for m in pairs], k)
+    return means, seeds
 
 
 def _strata_labels(task: Task, targets: torch.Tensor, final_nll: torch.Tensor, classes: str | Path | None,
-                   notes: list[str]) -> dict[str, tuple[torch.Tensor, list[str]]]:
+                   counts_file: str | Path | None, notes: list[str]) -> dict[str, tuple[torch.Tensor, list[str]]]:
     """Per kind of strata: the stratum of every scored token (the same at every step), and the names.
 
-    Frequency: log-decade of the target's count in the training stream; surprisal: bin of each
-    token's seed-mean surprisal at the final step; classes: the user's token classes of the target.
+    Frequency: log-decade of the target's count in `counts_file` (else in the task's training
+    stream); surprisal: bin of each token's seed-mean surprisal at the final step; classes: the
+    user's token classes of the target.
     """
     strata = {}
-    counts = train_counts(task)
+    counts = load_counts(counts_file, task) if counts_file is not None else train_counts(task)
     if counts is not None:
         buckets, names = metrics.frequency_buckets(counts)
         strata["frequency"] = (buckets[targets], names)
@@ -279,38 +283,55 @@ def _strata_labels(task: Task, targets: torch.Tensor, final_nll: torch.Tensor, c
     return strata
 
 
-def _step_metrics(step: int, out: StepOutputs, lay: dict[str, list], strata: dict, clusters: torch.Tensor,
-                  k: int) -> StepMetrics:
-    """The summaries of one step from its per-token outputs and per-layer statistics."""
+def _step_metrics(step: int, out: StepOutputs, strata: dict, clusters: torch.Tensor, k: int) -> StepMetrics:
+    """The summaries of one step from its per-token outputs and probe activations."""
     kl_mean, kl_se = metrics.clustered_mean(out.kl, clusters)
     losses = out.nll.double().mean(1)
+    similarity, similarity_seed = _layer_summaries(out.activations, k)
     return StepMetrics(
         step=step, kl=kl_mean, kl_se=kl_se, kl_pairs=out.pair_kl.tolist(),
         strata={kind: metrics.stratified_means(out.kl, labels, clusters, names)
                 for kind, (labels, names) in strata.items()},
-        fingerprint_raw=lay["raw"], fingerprint_centred=lay["centred"],
-        fingerprint_seed=_by_seed(lay["seed_fp"], k), cka=lay["cka"], cka_seed=_by_seed(lay["seed_cka"], k),
+        similarity=similarity, similarity_seed=similarity_seed,
         losses=losses.tolist(), loss=metrics.loss_spread(losses),
     )
 
 
 def _nan_layer_notes(layers: list[str], per_step: list[StepMetrics]) -> list[str]:
-    """A note naming the layers whose CKA or fingerprint is NaN at some step (never dropped silently)."""
+    """A note naming the layers whose similarities are NaN at some step (never dropped silently)."""
     undefined = [name for i, name in enumerate(layers)
-                 if any(math.isnan(v[i]) for p in per_step for v in (p.cka, p.fingerprint_raw, p.fingerprint_centred))]
+                 if any(math.isnan(v[i]) for p in per_step for v in p.similarity.values())]
     if not undefined:
         return []
-    return [f"CKA or fingerprint is NaN (a constant representation) at layer(s) {', '.join(undefined)}; "
+    return [f"a fingerprint or CKA is NaN (a constant representation) at layer(s) {', '.join(undefined)}; "
             "means over layers and the regimes leave those values out"]
 
 
 def _regimes(steps: list[int], per_step: list[StepMetrics], source: str, k: int, notes: list[str]) -> Regimes:
     """Seed regimes from each seed's curve (mean over layers) of the chosen per-seed similarity."""
-    field_name = {"fingerprint": "fingerprint_seed", "cka": "cka_seed"}[source]
-    curves = torch.tensor([[finite_mean(getattr(p, field_name)[i]) for p in per_step] for i in range(k)])
-    what = "centred fingerprint cosine" if source == "fingerprint" else "debiased linear CKA"
-    notes.append(f"regimes: from each seed's {what} to the other seeds (mean over layers)")
+    curves = torch.tensor([[finite_mean(p.similarity_seed[source][i]) for p in per_step] for i in range(k)])
+    notes.append(f"regimes: from each seed's {fingerprints.LABELS[source]} to the other seeds (mean over layers)")
     return seed_regimes(steps, curves)
+
+
+def _evaluate_steps(evaluator: Evaluator, runs: list[Run], chosen: list[int],
+                    strata_inputs: tuple[str | Path | None, str | Path | None, list[str]],
+                    progress: Callable[[int, int], None] | None) -> tuple[list[StepMetrics], list[dict[str, float]]]:
+    """Every chosen step reduced to its summaries as soon as it is evaluated, the final step first
+    (its surprisal defines the strata of every step); and the ensemble diversity at the final step.
+    `strata_inputs` is (classes file, counts file, notes) for `_strata_labels`."""
+    order = [chosen[-1], *chosen[:-1]]
+    per_step, strata, diversity = {}, None, []
+    for n, s in enumerate(order):
+        out = evaluator.run([r.checkpoints[s] for r in runs], diversity=(s == chosen[-1]))
+        if strata is None:
+            strata = _strata_labels(evaluator.task, evaluator.targets, out.nll, *strata_inputs)
+            diversity = out.diversity or []
+        per_step[s] = _step_metrics(s, out, strata, evaluator.clusters, evaluator.k)
+        del out  # per-token values and activations are not kept across steps
+        if progress:
+            progress(n + 1, len(order))
+    return [per_step[s] for s in chosen], diversity
 
 
 def converge(
@@ -320,23 +341,23 @@ def converge(
     task_options: dict[str, Any] | None = None,
     steps: Sequence[int] | None = None,
     classes: str | Path | None = None,
+    counts: str | Path | None = None,
     probe: int = 16,
     batch_size: int = 16,
     device: str = "cpu",
     batched: bool = True,
-    regimes_from: str = "fingerprint",
+    regimes_from: str = fingerprints.DEFAULT,
     progress: Callable[[int, int], None] | None = None,
 ) -> ConvergeResult:
-    """Analyse how K >= 2 runs differing in seed converge: per common step KL, fingerprints, CKA,
+    """Analyse how K >= 2 runs differing in seed converge: per common step KL, activation similarities,
     loss spread; then phases of the KL curve, seed regimes and ensemble diversity (final step).
 
-    `task` defaults to the first lmctk run's manifest task. Surprisal strata use the seeds' mean
-    surprisal of each token at the last common step. Seed regimes come from the per-seed centred
-    fingerprint curves (`regimes_from="fingerprint"`) or, for seeds with different inits whose raw
-    activations are unaligned, from per-seed CKA curves (`"cka"`).
+    `task` defaults to the first lmctk run's manifest task. Frequency strata count tokens in `counts`
+    (a per-id count file) or the task's training stream; surprisal strata use the seeds' mean
+    surprisal at the last common step. Seed regimes come from the per-seed curves of the similarity
+    `regimes_from` (default: the basis-free Gram cosine; see `lmctk.dynamics.fingerprints`).
     """
-    if regimes_from not in ("fingerprint", "cka"):
-        raise ConfigError(f"regimes_from: unknown {regimes_from!r}; choose fingerprint or cka")
+    fingerprints.check_kind(regimes_from)
     opened = [Run.open(r) for r in runs]
     if len(opened) < 2:
         raise ConfigError(f"converge needs at least 2 runs (seeds), got {len(opened)}")
@@ -345,30 +366,17 @@ def converge(
     k = len(opened)
     evaluator = Evaluator(checkpoint_skeleton(opened[0].checkpoints[chosen[0]], task), k, task, device=device,
                           batch_size=batch_size, probe=probe, batched=batched)
-    notes = []
-    # the final step first: its surprisal defines the surprisal strata of every step
-    order = [chosen[-1], *chosen[:-1]]
-    outputs: dict[int, StepOutputs] = {}
-    layer_stats: dict[int, dict[str, list]] = {}
-    for n, s in enumerate(order):
-        out = evaluator.run([r.checkpoints[s] for r in opened], diversity=(s == chosen[-1]))
-        layer_stats[s] = _layer_summaries(out.activations)
-        out.activations = []  # summarised: keep only per-token vectors across steps
-        outputs[s] = out
-        if progress:
-            progress(n + 1, len(order))
-    final = outputs[chosen[-1]]
-    strata = _strata_labels(task, evaluator.targets, final.nll, classes, notes)
+    notes: list[str] = []
+    per_step, diversity = _evaluate_steps(evaluator, opened, chosen, (classes, counts, notes), progress)
     notes.append(f"surprisal bins: each token's surprisal averaged over the {k} seeds at the final common step "
                  f"{chosen[-1]}")
     layers = evaluator.layer_names
     if not layers:
         notes.append("fingerprints and CKA skipped: the model exposes no hidden states or nn.ModuleList blocks")
-    per_step = [_step_metrics(s, outputs[s], layer_stats[s], strata, evaluator.clusters, k) for s in chosen]
     notes += _nan_layer_notes(layers, per_step)
     phases = detect_phases(chosen, [p.kl for p in per_step])
     regimes = _regimes(chosen, per_step, regimes_from, k, notes) if layers and len(chosen) >= 2 else None
     if not evaluator.batched:
         notes.append("seeds evaluated one at a time (batched=False)")
     return ConvergeResult([str(r.path) for r in opened], chosen, missing, layers, per_step, phases, regimes,
-                          final.diversity or [], notes, regimes_from)
+                          diversity, notes, regimes_from)

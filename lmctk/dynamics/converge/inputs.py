@@ -12,6 +12,7 @@ import torch
 
 from lmctk.errors import ConfigError, MissingPathError
 from lmctk.tasks import Task
+from lmctk.tasks.tokens import read_int_file
 
 _STEP_NAME = re.compile(r"(?:step|checkpoint-)(\d+)")
 OTHER_CLASS = "other"
@@ -27,7 +28,8 @@ class Run:
     @classmethod
     def open(cls, path: str | Path) -> "Run":
         """An lmctk run dir (manifest + checkpoints/stepNNNNNNNN) or a dir of HF dirs named `step<N>`
-        or `checkpoint-<N>` (as multi-seed suites publish them)."""
+        or `checkpoint-<N>` (as multi-seed suites publish them). Steps are found from names alone;
+        no weights are read until a step is evaluated."""
         path = Path(path)
         if not path.is_dir():
             raise MissingPathError(path, "run directory")
@@ -127,3 +129,14 @@ def train_counts(task: Task) -> torch.Tensor | None:
     if ids is None:
         return None
     return torch.bincount(ids.long(), minlength=_vocab_size(task))
+
+
+def load_counts(path: str | Path, task: Task) -> torch.Tensor:
+    """Token counts from a file (`.npy` or whitespace-separated integers: the count of id i at
+    position i, e.g. from the training corpus), padded with zeros to the task's vocabulary."""
+    counts = read_int_file(path, "token-count file")
+    vocab = _vocab_size(task)
+    if len(counts) > vocab:
+        raise ConfigError(f"{path}: {len(counts)} counts but task {task.name!r} has a vocabulary of {vocab}; "
+                          "give one count per token id")
+    return torch.nn.functional.pad(counts, (0, vocab - len(counts)))

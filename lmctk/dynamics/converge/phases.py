@@ -6,7 +6,7 @@ for every number of knots), picks the number of knots by BIC with knot positions
 parameters, and only then names the segments after the four phases of Fehlauer et al. (initial
 uniform, sharp convergence, sharp divergence, slow reconvergence). Names never steer the fit, so a
 curve without phases is reported as such instead of being bent into them.
-`seed_regimes` labels each seed chaotic / transition / stable from its fingerprint curve.
+Seed regimes (chaotic / transition / stable) are in `lmctk.dynamics.converge.regimes`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from lmctk.errors import ConfigError
 
@@ -322,80 +321,3 @@ def detect_phases(steps: Sequence[int], values: Sequence[float]) -> PhaseFit:
     r2 = 1 - shape["resid"] / sst if sst > 0 else 1.0
     return PhaseFit(steps, verdict, phases, boundaries, missing, float(weights[m] / weights.sum()), r2,
                     shape["noise"], shape["fitted"].tolist())
-
-
-@dataclass
-class Regimes:
-    """Per-seed regimes from fingerprint curves: labels per step and the steps where each seed
-    crosses into transition and into stable; `spread` is max − min of those steps across seeds."""
-
-    steps: list[int]
-    levels: tuple[float, float]  # curve values marking chaotic→transition and transition→stable
-    labels: list[list[str]]  # [seed][step]
-    crossings: list[dict[str, float | None]]  # per seed {"transition": step, "stable": step}
-    spread: dict[str, float | None]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"levels": list(self.levels), "labels": self.labels, "crossings": self.crossings,
-                "spread": self.spread}
-
-
-def _crossing(steps: list[int], curve: list[float], level: float, direction: float) -> float | None:
-    """First step from which `curve` stays at or beyond `level` (in `direction`), interpolated."""
-    beyond = [(v - level) * direction >= 0 for v in curve]
-    if not beyond[-1]:
-        return None
-    t = len(curve) - 1
-    while t > 0 and beyond[t - 1]:
-        t -= 1
-    if t == 0:
-        return float(steps[0])
-    v0, v1 = curve[t - 1], curve[t]
-    frac = (level - v0) / (v1 - v0) if v1 != v0 else 1.0
-    return float(steps[t - 1] + frac * (steps[t] - steps[t - 1]))
-
-
-def seed_regimes(
-    steps: Sequence[int], curves: torch.Tensor, low: float = 0.2, high: float = 0.8, min_change: float = 0.05
-) -> Regimes:
-    """Label each seed's steps chaotic / transition / stable from its fingerprint curve [K, S].
-
-    The levels are the fractions `low` and `high` of the way from the pooled curve's first value to
-    its last; a seed enters a regime at the first step from which its curve stays past the level.
-    A pooled change below `min_change` means no transition: every step is stable.
-    """
-    curves = curves.double()
-    if curves.dim() != 2 or curves.shape[1] != len(steps):
-        raise ConfigError(f"regimes: curves must be [seeds, {len(steps)} steps], got {tuple(curves.shape)}")
-    steps = [int(s) for s in steps]
-    pooled = curves.nanmean(0)
-    start, end = float(pooled[0]), float(pooled[-1])
-    change = end - start
-    k = curves.shape[0]
-    if abs(change) < min_change or not math.isfinite(change):
-        cross = [{"transition": float(steps[0]), "stable": float(steps[0])} for _ in range(k)]
-        return Regimes(steps, (start, end), [["stable"] * len(steps) for _ in range(k)], cross,
-                       {"transition": 0.0, "stable": 0.0})
-    direction = 1.0 if change > 0 else -1.0
-    levels = (start + low * change, start + high * change)
-    labels, crossings = [], []
-    for curve in curves.tolist():
-        t1 = _crossing(steps, curve, levels[0], direction)
-        t2 = _crossing(steps, curve, levels[1], direction)
-        if t1 is not None and t2 is not None:
-            t1 = min(t1, t2)
-        crossings.append({"transition": t1, "stable": t2})
-        row = []
-        for s in steps:
-            if t2 is not None and s >= t2:
-                row.append("stable")
-            elif t1 is not None and s >= t1:
-                row.append("transition")
-            else:
-                row.append("chaotic")
-        labels.append(row)
-    spread: dict[str, float | None] = {}
-    for key in ("transition", "stable"):
-        found = [c[key] for c in crossings]
-        spread[key] = None if any(v is None for v in found) else max(found) - min(found)
-    return Regimes(steps, levels, labels, crossings, spread)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
+from lmctk.dynamics.fingerprints import DEFAULT, check_kind
 from lmctk.errors import ConfigError
 from lmctk.io.lock import locked
 from lmctk.recipes import load_recipe, override_keys
@@ -23,9 +23,10 @@ class ConvergeConfig:
     probe: int = 16  # probe windows for fingerprints and CKA
     batch_size: int = 16  # eval batch (examples) per forward
     classes: str | None = None  # token-class file (relative to the recipe)
-    regimes: Literal["fingerprint", "cka"] = "fingerprint"  # per-seed curves the regimes come from
+    regimes: str = DEFAULT  # the similarity whose per-seed curves give the regimes (fingerprints.SIMILARITIES)
 
     def __post_init__(self) -> None:
+        check_kind(self.regimes, "converge.regimes")
         if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds: need at least 2 distinct seeds, got {self.seeds}")
 

@@ -13,6 +13,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from lmctk.dynamics import fingerprints
 from lmctk.dynamics.converge.analysis import ConvergeResult, finite_mean
 from lmctk.render import heatmap_plot, line_plot, terminal_curve
 
@@ -46,12 +47,13 @@ def _table(title: str, columns: list[str], left: tuple[str, ...] = ()) -> Table:
 
 def _step_table(result: ConvergeResult) -> Table:
     t = _table("per step on the test split (KL: expected per-token KL over ordered seed pairs, nats; "
-               "± SE over contexts)",
-               ["step", "KL", "± SE", "loss mean", "loss CV (ddof=1)", "fingerprint", "centred", "CKA", "phase"], ("phase",))
+               "± SE over contexts; loss std: sample std (ddof=1) over seeds; similarities: mean over layers)",
+               ["step", "KL", "± SE", "loss mean", "loss std", "loss CV", "Gram cos", "aligned cos", "CKA",
+                "raw cos (basis-dep.)", "phase"], ("phase",))
     for s in result.per_step:
-        t.add_row(str(s.step), _f(s.kl, ".4g"), _f(s.kl_se, ".2g"), _f(s.loss["mean"], ".3f"), _f(s.loss["cv"], ".3f"),
-                  _f(finite_mean(s.fingerprint_raw), ".3f"), _f(finite_mean(s.fingerprint_centred), ".3f"),
-                  _f(finite_mean(s.cka), ".3f"), phase_of(result, s.step))
+        sim = [_f(finite_mean(s.similarity[k]), ".3f") for k in ("gram", "aligned", "cka", "raw")]
+        t.add_row(str(s.step), _f(s.kl, ".4g"), _f(s.kl_se, ".2g"), _f(s.loss["mean"], ".3f"),
+                  _f(s.loss["std"], ".3g"), _f(s.loss["cv"], ".3f"), *sim, phase_of(result, s.step))
     return t
 
 
@@ -70,9 +72,11 @@ def _strata_tables(result: ConvergeResult) -> list[Table]:
 
 def _layer_table(result: ConvergeResult) -> Table:
     last = result.per_step[-1]
-    lt = _table(f"layers at step {last.step} (mean over seed pairs)", ["layer", "fingerprint", "centred", "CKA (debiased)"])
+    kinds = list(fingerprints.SIMILARITIES)
+    lt = _table(f"layers at step {last.step} (mean over seed pairs)",
+                ["layer", *[fingerprints.LABELS[k] for k in kinds]], ("layer",))
     for i, name in enumerate(result.layers):
-        lt.add_row(name, _f(last.fingerprint_raw[i]), _f(last.fingerprint_centred[i]), _f(last.cka[i]))
+        lt.add_row(name, *[_f(last.similarity[k][i]) for k in kinds])
     return lt
 
 
@@ -95,12 +99,14 @@ def _phase_tables(result: ConvergeResult) -> list[Table]:
 
 def _regime_table(result: ConvergeResult) -> Table:
     rg = result.regimes
-    source = "centred fingerprints" if result.regimes_from == "fingerprint" else "CKA"
-    rt = _table(f"seed regimes from per-seed {source} (levels {rg.levels[0]:.3f} / {rg.levels[1]:.3f})",
+    rt = _table(f"seed regimes from per-seed {fingerprints.LABELS[result.regimes_from]} (levels "
+                f"{rg.levels[0]:.3f} / {rg.levels[1]:.3f}; crossings interpolated in log step)",
                 ["seed", "transition from step", "stable from step", f"regime at step {result.steps[-1]}"])
     for i, c in enumerate(rg.crossings):
         rt.add_row(str(i), _f(c["transition"], ".0f"), _f(c["stable"], ".0f"), rg.labels[i][-1])
     rt.add_row("spread", _f(rg.spread["transition"], ".0f"), _f(rg.spread["stable"], ".0f"), "", style="bold")
+    rt.add_row("± resolution (checkpoint spacing)", _f(rg.resolution["transition"], ".0f"),
+               _f(rg.resolution["stable"], ".0f"), "")
     return rt
 
 
@@ -137,7 +143,7 @@ def render(result: ConvergeResult) -> Group:
 
 def plot(result: ConvergeResult, directory: str | Path, overwrite: bool = False) -> list[Path]:
     """Write `convergence.png` (KL over steps, phases shaded) and, with layers,
-    `fingerprint.png` (per-layer fingerprint over steps as heatmaps) into `directory`."""
+    `fingerprint.png` (per-layer similarities over steps as heatmaps) into `directory`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     spans = [(p["start"], p["end"], p["name"]) for p in result.phases.phases]
@@ -149,12 +155,8 @@ def plot(result: ConvergeResult, directory: str | Path, overwrite: bool = False)
     written = [line_plot(directory / "convergence.png", result.steps, panels, xlabel="step", xscale="symlog",
                          spans=spans, bands=band, fits=["phase fit"], title=title, overwrite=overwrite)]
     if result.layers:
-        def rows(name: str) -> tuple[list[str], list[list[float]]]:
-            return result.layers, [list(c) for c in zip(*result.series(name))]  # [layer][step]
-
-        maps = {"fingerprint cosine": rows("fingerprint_raw"),
-                "fingerprint cosine, centred": rows("fingerprint_centred"),
-                "debiased linear CKA": rows("cka")}
+        maps = {fingerprints.LABELS[k]: (result.layers, [list(c) for c in zip(*result.similarity(k))])  # [layer][step]
+                for k in ("gram", "aligned", "cka", "raw")}
         written.append(heatmap_plot(directory / "fingerprint.png", result.steps, maps, xlabel="step",
                                     title=f"agreement of {len(result.runs)} seeds per layer (one colour scale)",
                                     overwrite=overwrite))
