@@ -12,11 +12,12 @@ are the costs of one outer LAP over heads, so head order and within-head order a
 
 from __future__ import annotations
 
+import math
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,6 +52,7 @@ class MatchResult:
     similarity_seconds: float = 0.0
     lap_backends: list[str] = field(default_factory=list)
     unpermuted: list[str] = field(default_factory=list)
+    sweep_seconds: list[float] = field(default_factory=list)  # wall time of each sweep
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -123,16 +125,40 @@ def similarity(
     return S if group in spec.blocks else S[0]
 
 
+def _terms(spec: PermutationSpec, a: State, b: State, perms: Perms, keys) -> dict[str, float]:
+    """<A, π(B)> of each spec'd parameter in `keys` (buffers never), in the spec's order."""
+    indices: dict = {}
+    out = {}
+    for key, axes in spec.axes.items():
+        if key in keys and key not in spec.buffers:
+            tb = permute_tensor(b[key].to(torch.float32), axes, spec.groups, perms, indices, spec.blocks)
+            out[key] = float((a[key].to(torch.float32) * tb).sum())
+    return out
+
+
 def objective(spec: PermutationSpec, a: State, b: State, perms: Perms, keys: set[str] | None = None) -> float:
     """Σ over spec'd parameters (tied aliases once, buffers never; only `keys` if given) of <A, π(B)>."""
-    total = 0.0
-    indices: dict = {}
-    for key, axes in spec.axes.items():
-        if key in spec.buffers or (keys is not None and key not in keys):
-            continue
-        tb = permute_tensor(b[key].to(torch.float32), axes, spec.groups, perms, indices, spec.blocks)
-        total += float((a[key].to(torch.float32) * tb).sum())
-    return total
+    return sum(_terms(spec, a, b, perms, spec.axes.keys() if keys is None else keys).values(), 0.0)
+
+
+class _Objective:
+    """The objective kept per tensor: only tensors a changed group acts on are evaluated again. The
+    total adds the same terms in the same order as `objective`, so it is the same number."""
+
+    def __init__(self, spec: PermutationSpec, a: State, b: State) -> None:
+        self.spec, self.a, self.b = spec, a, b
+        self.terms: dict[str, float] = {}
+        self.keys_of = {g: {key for key, _ in users} for g, users in spec.users().items()}
+
+    def changed(self, groups: Iterable[str]) -> None:
+        for g in groups:
+            for key in self.keys_of[g]:
+                self.terms.pop(key, None)
+
+    def __call__(self, perms: Perms, keys: Iterable[str] | None = None) -> float:
+        wanted = {k for k in (self.spec.axes if keys is None else keys) if k not in self.spec.buffers}
+        self.terms.update(_terms(self.spec, self.a, self.b, perms, wanted - self.terms.keys()))
+        return sum((self.terms[k] for k in self.spec.axes if k in wanted), 0.0)
 
 
 def independent_rounds(
@@ -202,13 +228,14 @@ def head_step(
 
 
 def solve_round(spec: PermutationSpec, S: dict[str, torch.Tensor], perms: Perms, lap_backend: str,
-                tol: float) -> list[str]:
+                tol: float) -> tuple[list[str], list[str]]:
     """One batched LAP per group size over the similarities `S` of independent groups; a group's
-    permutation is replaced only when its assignment strictly improves. Returns the backends used."""
+    permutation is replaced only when its assignment strictly improves. Returns the backends used
+    and the groups whose permutation changed."""
     by_size: dict[int, list[str]] = {}
     for g in S:
         by_size.setdefault(spec.groups[g], []).append(g)
-    backends = []
+    backends, changed = [], []
     for gs in by_size.values():
         n = spec.groups[gs[0]]
         stacked = torch.cat([S[g].reshape(-1, n, n) for g in gs])
@@ -218,8 +245,95 @@ def solve_round(spec: PermutationSpec, S: dict[str, torch.Tensor], perms: Perms,
             p_new = p_new.reshape(perms[g].shape)
             old_score = float(lap.objective(S[g], perms[g]).sum())
             if float(lap.objective(S[g], p_new).sum()) > old_score + tol * max(1.0, abs(old_score)):
+                changed += [g] if not torch.equal(p_new.cpu(), perms[g].cpu()) else []
                 perms[g] = p_new.to(perms[g].device)
-    return backends
+    return backends, changed
+
+
+@dataclass
+class _Staleness:
+    """Which groups need solving again. A group's similarity depends only on its neighbours' perms, so
+    while none of them has changed since its last solve, solving it again returns the same answer."""
+
+    neighbours: dict[str, set[str]]
+    changed: dict[str, int] = field(default_factory=dict)  # group -> round its perm last changed
+    solved: dict[str, int] = field(default_factory=dict)  # group -> round it was last solved
+
+    def stale(self, g: str) -> bool:
+        last = self.solved.get(g)
+        return last is None or any(self.changed.get(n, -1) > last for n in self.neighbours[g])
+
+
+class _Fp32(Mapping):
+    """A state's tensors as fp32 on `device`, converted on access (no copy when already there)."""
+
+    def __init__(self, state: State, device: torch.device) -> None:
+        self.state, self.device = state, device
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.state[key].to(self.device, torch.float32)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.state)
+
+    def __len__(self) -> int:
+        return len(self.state)
+
+
+@contextmanager
+def _threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to `count` inside the block."""
+    before = torch.get_num_threads()
+    if count != before:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count != before:
+            torch.set_num_threads(before)
+
+
+# Below this many multiply-adds in a group's similarity, waking a second thread costs more than it saves
+# (on a busy 2-core machine a small matching ran 15x slower on 2 threads than on 1).
+_ONE_THREAD_MACS = 1 << 24
+
+
+def _thread_count(spec: PermutationSpec, shapes: Mapping[str, tuple[int, ...]], users, device: torch.device) -> int:
+    """One thread when every group's similarity is tiny (CPU only), else torch's current count."""
+    def macs(g: str) -> int:
+        return sum(math.prod(shapes[key]) for key, _ in users[g]) * spec.groups[g]
+
+    small = device.type == "cpu" and all(macs(g) < _ONE_THREAD_MACS for g in spec.groups)
+    return 1 if small else torch.get_num_threads()
+
+
+def _sweep(spec: PermutationSpec, a: State, b: State, perms: Perms, order: list[str], ctx: dict) -> None:
+    """One coordinate-ascent sweep in `order`, round by round, skipping groups that are not stale."""
+    users, track, value, stats = ctx["users"], ctx["track"], ctx["objective"], ctx["stats"]
+    for round_ in independent_rounds(spec, order, track.neighbours):
+        ctx["round"] += 1
+        todo = [g for g in round_ if track.stale(g) or not ctx["skip"]]
+        changed = []
+        for g in (g for g in todo if g in ctx["block_keys"]):  # heads with their within-head groups, jointly
+            t0 = time.perf_counter()
+            proposal, used = head_step(spec, a, b, perms, g, users[g], ctx["lap_backend"])
+            stats["lap"] += time.perf_counter() - t0
+            stats["backends"] += used
+            keys = ctx["block_keys"][g]
+            before = value(perms, keys)
+            if objective(spec, a, b, {**perms, **proposal}, keys) > before + ctx["tol"] * max(1.0, abs(before)):
+                changed += [h for h, p in proposal.items() if not torch.equal(p, perms[h])]
+                perms.update(proposal)
+        t0 = time.perf_counter()
+        S = {g: similarity(spec, a, b, perms, g, users[g]) for g in todo if g not in ctx["block_keys"]}
+        stats["similarity"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        used, moved = solve_round(spec, S, perms, ctx["lap_backend"], ctx["tol"])
+        stats["lap"] += time.perf_counter() - t0
+        stats["backends"] += used
+        track.solved.update({g: ctx["round"] for g in todo})
+        track.changed.update({g: ctx["round"] for g in changed + moved})
+        value.changed(changed + moved)
 
 
 def weight_matching(
@@ -232,57 +346,55 @@ def weight_matching(
     init: Perms | None = None,
     tol: float = 1e-12,
     lap_backend: str = "auto",
+    device: str | torch.device | None = None,
+    skip_unchanged: bool = True,
 ) -> MatchResult:
     """Permutations of B's groups that maximise Σ <A, π(B)> (Ainsworth et al. 2023, weight matching).
 
-    Similarities accumulate in fp32 on the states' device (bf16/fp16 inputs are fine); LAPs run on
-    the backend `lap.solve` picks. Each sweep never lowers the objective; the trace is returned.
+    Similarities accumulate in fp32 on `device` (default: the states'; bf16/fp16 inputs are fine); LAPs
+    run on the backend `lap.solve` picks. Each sweep never lowers the objective; the trace is returned.
+    `skip_unchanged=False` solves every group every sweep (same answer, slower: for checking the skip).
     """
     if max_iter < 1:
         raise ConfigError(f"max_iter: must be at least 1, got {max_iter}")
     assert_same_shapes(a, b, "model A", "model B")
-    spec.validate(state_shapes(a))
+    shapes = state_shapes(a)
+    spec.validate(shapes)
     start = time.perf_counter()
-    device = state_device(a)
+    device = torch.device(device) if device is not None else state_device(a)
+    a, b = _Fp32(a, device), _Fp32(b, device)
     perms = {g: p.to(device) for g, p in (init or identity_perms(spec)).items()}
     rng = random.Random(seed)
-    users, neighbours = spec.users(), spec.neighbours()  # derived once, not per group and sweep
-    block_keys = {b: {key for key, _ in users[b]} for b in set(spec.blocks.values())}
-    trace = [objective(spec, a, b, perms)]
-    lap_time = sim_time = 0.0
-    backends: list[str] = []
-    sweeps = 0
-    for sweeps in range(1, max_iter + 1):
-        order = sorted(spec.groups)
-        rng.shuffle(order)
-        for round_ in independent_rounds(spec, order, neighbours):
-            for g in (g for g in round_ if g in block_keys):  # heads with their within-head groups, jointly
-                t0 = time.perf_counter()
-                proposal, used = head_step(spec, a, b, perms, g, users[g], lap_backend)
-                lap_time += time.perf_counter() - t0
-                backends += used
-                before = objective(spec, a, b, perms, block_keys[g])
-                if objective(spec, a, b, {**perms, **proposal}, block_keys[g]) > before + tol * max(1.0, abs(before)):
-                    perms.update(proposal)
+    users = spec.users()  # derived once, not per group and sweep
+    ctx: dict[str, Any] = {
+        "users": users, "track": _Staleness(spec.neighbours()), "objective": _Objective(spec, a, b),
+        "stats": {"lap": 0.0, "similarity": 0.0, "backends": [], "sweep_seconds": []}, "round": 0,
+        "skip": skip_unchanged, "tol": tol, "lap_backend": lap_backend,
+        "block_keys": {b: {key for key, _ in users[b]} for b in set(spec.blocks.values())},
+    }
+    sweeps, stats = 0, ctx["stats"]
+    with _threads(_thread_count(spec, shapes, users, device)):
+        trace = [ctx["objective"](perms)]
+        for sweeps in range(1, max_iter + 1):
             t0 = time.perf_counter()
-            S = {g: similarity(spec, a, b, perms, g, users[g]) for g in round_ if g not in block_keys}
-            sim_time += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            backends += solve_round(spec, S, perms, lap_backend, tol)
-            lap_time += time.perf_counter() - t0
-        trace.append(objective(spec, a, b, perms))
-        if trace[-1] <= trace[-2] + tol * max(1.0, abs(trace[-2])):
-            break
+            order = sorted(spec.groups)
+            rng.shuffle(order)
+            _sweep(spec, a, b, perms, order, ctx)
+            trace.append(ctx["objective"](perms))
+            stats["sweep_seconds"].append(time.perf_counter() - t0)
+            if trace[-1] <= trace[-2] + tol * max(1.0, abs(trace[-2])):
+                break
     return MatchResult(
         perms={g: p.cpu() for g, p in perms.items()},
         method="weight_matching",
         objective=trace,
         sweeps=sweeps,
         seconds=time.perf_counter() - start,
-        lap_seconds=lap_time,
-        similarity_seconds=sim_time,
-        lap_backends=backends,
-        unpermuted=spec.unpermuted(a.keys()),
+        lap_seconds=stats["lap"],
+        similarity_seconds=stats["similarity"],
+        lap_backends=stats["backends"],
+        unpermuted=spec.unpermuted(shapes),
+        sweep_seconds=stats["sweep_seconds"],
     )
 
 
@@ -290,49 +402,3 @@ def apply(spec: PermutationSpec, state: State, result: MatchResult | Perms) -> d
     """B permuted into A's neuron order."""
     perms = result.perms if isinstance(result, MatchResult) else result
     return permute_state(state, spec, perms)
-
-
-def save_aligned(
-    spec: PermutationSpec,
-    b: State,
-    perms: MatchResult | Perms,
-    out_dir: str | Path,
-    *,
-    source_dir: str | Path | None = None,
-    shard_size: int | str = "2GB",
-    overwrite: bool = False,
-) -> Path:
-    """Write π(B) as an HF model dir, one tensor at a time (B may be a LazyState), with B's
-    `config.json` and tokenizer files copied from `source_dir`."""
-    from lmctk.io import TensorSlot, stream_hf_dir
-    from lmctk.io.write import side_files
-
-    perms = perms.perms if isinstance(perms, MatchResult) else perms
-    shapes = state_shapes(b)
-    slots = []
-    for name, shape in shapes.items():
-        dtype = b.dtypes[name] if hasattr(b, "dtypes") else b[name].dtype
-        slots.append(TensorSlot(name, tuple(shape), dtype))
-    files = {f.name: f.read_bytes() for f in side_files(Path(source_dir))} if source_dir else {}
-    view = PermutedView(spec, b, perms)
-    return stream_hf_dir(out_dir, slots, lambda name: view[name].contiguous(), shard_size=shard_size,
-                         files=files, overwrite=overwrite)
-
-
-class PermutedView(Mapping):
-    """π(B) computed tensor by tensor on access, so streaming code never materialises it whole."""
-
-    def __init__(self, spec: PermutationSpec, state: State, perms: Perms) -> None:
-        self.spec, self.state, self.perms = spec, state, perms
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        axes = self.spec.layout_of(key)
-        value = self.state[key]
-        return value if axes is None else permute_tensor(value, axes, self.spec.groups, self.perms,
-                                                         blocks=self.spec.blocks)
-
-    def __iter__(self):
-        return iter(self.state)
-
-    def __len__(self) -> int:
-        return len(self.state)

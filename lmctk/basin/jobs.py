@@ -15,21 +15,16 @@ from typing import Any
 from torch import nn
 
 from lmctk.basin.activation import activation_matching
-from lmctk.basin.align import (
-    MatchResult,
-    PermutedView,
-    apply,
-    save_aligned,
-    weight_matching,
-)
+from lmctk.basin.align import MatchResult, apply, weight_matching
 from lmctk.basin.barrier import (
     DEFINITIONS,
     BarrierResult,
     barrier_matrix,
     barrier_sweep,
 )
+from lmctk.basin.saved import PERMS_NAME, PermutedView, load_perms, perms_bytes, save_aligned
 from lmctk.errors import ConfigError
-from lmctk.io import LazyState, load_state, resolve_checkpoint
+from lmctk.io import LazyState, atomic_write_bytes, load_state, resolve_checkpoint
 from lmctk.loading import load_model_state, model_config_of, resolve_task
 from lmctk.metrics import distances
 from lmctk.render import line_plot, terminal_curve
