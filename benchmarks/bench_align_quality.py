@@ -47,13 +47,14 @@ def trained_pair(family: str, args: argparse.Namespace, work: Path):
     return model, task, states[0], states[1]
 
 
-def barrier_cells(model, task, a, b, points: int, renorm: str = "none") -> list[str]:
+def barrier_cells(model, task, a, b, points: int, renorm: str, refusals: set[str]) -> list[str]:
     """Both loss-barrier definitions of the path from A to `b` (no further alignment); a refused
-    renormalisation is reported as its reason."""
+    renormalisation gives "n/a" cells and its reason in `refusals`."""
     try:
         r = barrier_sweep(model, a, b, task, points=points, renorm=renorm)
     except ConfigError as exc:
-        return [f"n/a: {str(exc).split(';')[0]}"]
+        refusals.add(str(exc))
+        return ["n/a"] * len(DEFINITIONS)
     return [f"{r.raw.barriers(r.alphas)['loss'][d]:.4f}" for d in DEFINITIONS]
 
 
@@ -74,16 +75,17 @@ def run_family(family: str, args: argparse.Namespace, work: Path, console: Conso
     objectives = Table(title=f"{family}: weight-matching objective Σ<A, π(B)> (same pair, same tensors)")
     for col in ("matching", "objective", "sweeps", "s"):
         objectives.add_column(col, justify="right")
-    table = Table(title=f"{family}: loss barriers on the test split ({args.points} points), loaded machine")
-    for col in ("path", *(f"loss barrier ({d})" for d in DEFINITIONS), "REPAIR (mean_endpoint, linear)"):
+    table = Table(title=f"{family}: loss barriers on the test split ({args.points} points)")
+    for col in ("path", *(f"{d}" for d in DEFINITIONS), *(f"REPAIR {d}" for d in DEFINITIONS)):
         table.add_column(col, justify="right")
+    refusals: set[str] = set()
     for name, match in {"raw": None, **matches}.items():
         if name.startswith("weight"):
             objectives.add_row(name, f"{match.objective[-1]:.4f}", str(match.sweeps), f"{match.seconds:.2f}")
         other = b if match is None else apply(spec, b, match)
-        table.add_row(name, *barrier_cells(model, task, a, other, args.points),
-                      ", ".join(barrier_cells(model, task, a, other, args.points, "repair")))
-    console.print(objectives, table)
+        table.add_row(name, *barrier_cells(model, task, a, other, args.points, "none", refusals),
+                      *barrier_cells(model, task, a, other, args.points, "repair", refusals))
+    console.print(objectives, table, *(f"REPAIR refused: {reason}" for reason in refusals))
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ and matrices (`barrier`), BatchNorm reset / REPAIR along a path (`renorm`), and 
 permuted models on disk (`saved`)."""
 
 from lmctk.basin.activation import activation_matching
-from lmctk.basin.align import MatchResult, apply, weight_matching
+from lmctk.basin.align import apply, weight_matching
 from lmctk.basin.barrier import (
     ALIGNS,
     DEFINITIONS,
@@ -16,12 +16,19 @@ from lmctk.basin.barrier import (
     barrier_sweep,
     barriers,
 )
+from lmctk.basin.match import MatchResult
 from lmctk.basin.path import METHODS, alpha_grid, evaluate_path, lerp
 from lmctk.basin.renorm import RENORMS
-from lmctk.basin.saved import PERMS_NAME, PermutedView, load_perms, save_aligned
+from lmctk.basin.saved import (
+    PERMS_NAME,
+    PermutedView,
+    load_perms,
+    save_aligned,
+    save_perms,
+)
 
 __all__ = [
     "ALIGNS", "DEFINITIONS", "METHODS", "PERMS_NAME", "RENORMS", "BarrierMatrix", "BarrierResult", "Curve", "MatchResult",
     "PermutedView", "activation_matching", "align_states", "alpha_grid", "apply", "barrier_matrix", "barrier_sweep",
-    "barriers", "evaluate_path", "lerp", "load_perms", "save_aligned", "weight_matching",
+    "barriers", "evaluate_path", "lerp", "load_perms", "save_aligned", "save_perms", "weight_matching",
 ]

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from lmctk.basin import lap
+from lmctk.basin.match import MatchResult
 from lmctk.errors import ConfigError
 from lmctk.io import assert_same_shapes, state_device, state_shapes
 from lmctk.spec.core import (
@@ -37,50 +38,6 @@ from lmctk.spec.core import (
 )
 
 State = Mapping[str, torch.Tensor]
-
-
-@dataclass
-class MatchResult:
-    """Permutations that map B onto A, with the objective trace and where the time went."""
-
-    perms: Perms
-    method: str
-    objective: list[float]  # Σ <A, π(B)> after each sweep (index 0: before any update)
-    sweeps: int
-    seconds: float
-    lap_seconds: float = 0.0
-    similarity_seconds: float = 0.0
-    lap_backends: list[str] = field(default_factory=list)
-    unpermuted: list[str] = field(default_factory=list)
-    sweep_seconds: list[float] = field(default_factory=list)  # wall time of each sweep
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "objective": self.objective,
-            "sweeps": self.sweeps,
-            "seconds": self.seconds,
-            "lap_seconds": self.lap_seconds,
-            "similarity_seconds": self.similarity_seconds,
-            "lap_backends": sorted(set(self.lap_backends)),
-            "unpermuted": self.unpermuted,
-            "groups": {g: p.shape[-1] for g, p in self.perms.items()},
-            "moved": {g: int((p != torch.arange(p.shape[-1], device=p.device)).sum()) for g, p in self.perms.items()},
-        }
-
-    def __rich__(self):
-        from rich.table import Table
-
-        d = self.to_dict()
-        t = Table(title=self.method.replace("_", " "),
-                  caption=f"{self.sweeps} sweeps in {self.seconds:.2f} s (LAP {self.lap_seconds:.2f} s, "
-                          f"similarity {self.similarity_seconds:.2f} s)")
-        t.add_column("group")
-        t.add_column("size", justify="right")
-        t.add_column("moved", justify="right")
-        for g, n in d["groups"].items():
-            t.add_row(g, str(n), str(d["moved"][g]))
-        return t
 
 
 def _rows(tensor: torch.Tensor, axis: int, index: torch.Tensor | None, rows: int) -> torch.Tensor:

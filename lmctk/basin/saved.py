@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from lmctk import __version__
-from lmctk.basin.align import MatchResult, State
+from lmctk.basin.align import State
+from lmctk.basin.match import MatchResult
 from lmctk.errors import ConfigError
 from lmctk.io import (
     TensorSlot,
@@ -24,6 +25,7 @@ from lmctk.io import (
     state_shapes,
     stream_hf_dir,
 )
+from lmctk.io.atomic import staged, writing
 from lmctk.io.write import side_files
 from lmctk.spec.core import Perms, PermutationSpec, permute_tensor, spec_hash
 
@@ -36,6 +38,16 @@ def perms_bytes(spec: PermutationSpec, perms: Perms) -> bytes:
     meta = {"format": "lmctk-permutations", "spec": spec.name, "spec_hash": spec_hash(spec),
             "lmctk_version": __version__}
     return safetensors_bytes(tensors, metadata=meta)
+
+
+def save_perms(spec: PermutationSpec, perms: Perms, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write the permutations file to `path` atomically (its folder is created)."""
+    path = Path(path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with staged(path, overwrite=overwrite) as tmp:
+        tmp.write_bytes(perms_bytes(spec, perms))
+    return path
 
 
 def load_perms(path: str | Path, spec: PermutationSpec) -> Perms:
