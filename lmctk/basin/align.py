@@ -31,6 +31,7 @@ from lmctk.spec.core import (
     PermutationSpec,
     coordinates,
     group_slices,
+    groups_in,
     identity_perms,
     is_identity,
     permute_state,
@@ -59,26 +60,34 @@ def _slices(spec: PermutationSpec, tensor: torch.Tensor, axes, axis: int, group:
 
 def similarity(
     spec: PermutationSpec, a: State, b: State, perms: Perms, group: str,
-    users: list[tuple[str, int]] | None = None,
+    users: list[tuple[str, int]] | None = None, static: dict | None = None,
 ) -> torch.Tensor:
     """S[i, j] = Σ <A slice i, π_{-g}(B) slice j> over the tensors `group` acts on (fp32).
 
     A per-block group gets one matrix per block: S[e, i, j]. `users` is `spec.users()[group]`,
-    passed by callers that compute the inverse map once.
+    passed by callers that compute the inverse map once. `static` keeps, across calls, the terms of
+    tensors no other group acts on (an embedding's vocab rows) when they cost more to compute than to store.
     """
     users = spec.users()[group] if users is None else users
     others = {g: p for g, p in perms.items() if g != group}
     n = spec.groups[group]
     blocks = spec.groups[spec.blocks[group]] if group in spec.blocks else 1
-    S = torch.zeros(blocks, n, n, dtype=torch.float32, device=state_device(a))
+    S = torch.zeros(blocks, n, n, dtype=torch.float32, device=_device(a))
     slices: dict = {}
     indices: dict = {}
     for key, axis in users:
+        if static is not None and (group, key) in static:
+            S += static[group, key]
+            continue
         axes = spec.axes[key]
         ta = _slices(spec, a[key].to(torch.float32), axes, axis, group, slices)
         tb = permute_tensor(b[key].to(torch.float32), axes, spec.groups, others, indices, spec.blocks)
         tb = _slices(spec, tb, axes, axis, group, slices)
-        S += ta.reshape(blocks, n, -1) @ tb.reshape(blocks, n, -1).transpose(1, 2)
+        term = ta.reshape(blocks, n, -1) @ tb.reshape(blocks, n, -1).transpose(1, 2)
+        S += term
+        alone = {g for layout in axes if layout is not None for g in groups_in(layout)} == {group}
+        if static is not None and alone and ta.shape[1] >= n:
+            static[group, key] = term
     return S if group in spec.blocks else S[0]
 
 
@@ -147,7 +156,7 @@ def head_step(
     deps = [g for g, o in spec.blocks.items() if o == block and spec.groups[g] > 1]
     others = {g: p for g, p in perms.items() if g != block and g not in deps}
     n = spec.groups[block]
-    device = state_device(a)
+    device = _device(a)
     C = torch.zeros(n, n, dtype=torch.float32, device=device)
     S = {g: torch.zeros(n, n, spec.groups[g], spec.groups[g], device=device) for g in deps}
     indices: dict = {}
@@ -237,6 +246,11 @@ class _Fp32(Mapping):
         return len(self.state)
 
 
+def _device(state: State) -> torch.device:
+    """Where a state's tensors are (or, for an `_Fp32` view, are moved to), without reading one."""
+    return state.device if isinstance(state, _Fp32) else state_device(state)
+
+
 @contextmanager
 def _threads(count: int) -> Iterator[None]:
     """torch's intra-op threads set to `count` inside the block."""
@@ -282,7 +296,7 @@ def _sweep(spec: PermutationSpec, a: State, b: State, perms: Perms, order: list[
                 changed += [h for h, p in proposal.items() if not torch.equal(p, perms[h])]
                 perms.update(proposal)
         t0 = time.perf_counter()
-        S = {g: similarity(spec, a, b, perms, g, users[g]) for g in todo if g not in ctx["block_keys"]}
+        S = {g: similarity(spec, a, b, perms, g, users[g], ctx["static"]) for g in todo if g not in ctx["block_keys"]}
         stats["similarity"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         used, moved = solve_round(spec, S, perms, ctx["lap_backend"], ctx["tol"])
@@ -325,7 +339,7 @@ def weight_matching(
     users = spec.users()  # derived once, not per group and sweep
     ctx: dict[str, Any] = {
         "users": users, "track": _Staleness(spec.neighbours()), "objective": _Objective(spec, a, b),
-        "stats": {"lap": 0.0, "similarity": 0.0, "backends": [], "sweep_seconds": []}, "round": 0,
+        "stats": {"lap": 0.0, "similarity": 0.0, "backends": [], "sweep_seconds": []}, "round": 0, "static": {},
         "skip": skip_unchanged, "tol": tol, "lap_backend": lap_backend,
         "block_keys": {b: {key for key, _ in users[b]} for b in set(spec.blocks.values())},
     }
