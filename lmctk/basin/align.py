@@ -18,7 +18,6 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -278,33 +277,64 @@ def _thread_count(spec: PermutationSpec, shapes: Mapping[str, tuple[int, ...]], 
     return 1 if small else torch.get_num_threads()
 
 
-def _sweep(spec: PermutationSpec, a: State, b: State, perms: Perms, order: list[str], ctx: dict) -> None:
-    """One coordinate-ascent sweep in `order`, round by round, skipping groups that are not stale."""
-    users, track, value, stats = ctx["users"], ctx["track"], ctx["objective"], ctx["stats"]
-    for round_ in independent_rounds(spec, order, track.neighbours):
-        ctx["round"] += 1
-        todo = [g for g in round_ if track.stale(g) or not ctx["skip"]]
-        changed = []
-        for g in (g for g in todo if g in ctx["block_keys"]):  # heads with their within-head groups, jointly
+@dataclass
+class _Sweeper:
+    """Coordinate ascent's state across sweeps: what is stale, the objective's terms, the static
+    similarity terms and where the time went."""
+
+    spec: PermutationSpec
+    a: State
+    b: State
+    tol: float
+    lap_backend: str
+    skip: bool
+    users: dict[str, list[tuple[str, int]]] = field(init=False)
+    block_keys: dict[str, set[str]] = field(init=False)
+    track: _Staleness = field(init=False)
+    value: _Objective = field(init=False)
+    static: dict = field(default_factory=dict)
+    round: int = 0
+    lap_seconds: float = 0.0
+    similarity_seconds: float = 0.0
+    backends: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.users = self.spec.users()  # derived once, not per group and sweep
+        self.block_keys = {b: {key for key, _ in self.users[b]} for b in set(self.spec.blocks.values())}
+        self.track = _Staleness(self.spec.neighbours())
+        self.value = _Objective(self.spec, self.a, self.b)
+
+    def heads(self, perms: Perms, block: str) -> list[str]:
+        """The joint head step of `block`, kept only if it raises the objective; returns the groups it moved."""
+        t0 = time.perf_counter()
+        proposal, used = head_step(self.spec, self.a, self.b, perms, block, self.users[block], self.lap_backend)
+        self.lap_seconds += time.perf_counter() - t0
+        self.backends += used
+        keys = self.block_keys[block]
+        before, after = self.value(perms, keys), objective(self.spec, self.a, self.b, {**perms, **proposal}, keys)
+        if after <= before + self.tol * max(1.0, abs(before)):
+            return []
+        moved = [h for h, p in proposal.items() if not torch.equal(p, perms[h])]
+        perms.update(proposal)
+        return moved
+
+    def sweep(self, perms: Perms, order: list[str]) -> None:
+        """One sweep in `order`, round by round, solving only groups that are stale (all without `skip`)."""
+        for round_ in independent_rounds(self.spec, order, self.track.neighbours):
+            self.round += 1
+            todo = [g for g in round_ if self.track.stale(g) or not self.skip]
+            changed = [h for g in todo if g in self.block_keys for h in self.heads(perms, g)]
             t0 = time.perf_counter()
-            proposal, used = head_step(spec, a, b, perms, g, users[g], ctx["lap_backend"])
-            stats["lap"] += time.perf_counter() - t0
-            stats["backends"] += used
-            keys = ctx["block_keys"][g]
-            before = value(perms, keys)
-            if objective(spec, a, b, {**perms, **proposal}, keys) > before + ctx["tol"] * max(1.0, abs(before)):
-                changed += [h for h, p in proposal.items() if not torch.equal(p, perms[h])]
-                perms.update(proposal)
-        t0 = time.perf_counter()
-        S = {g: similarity(spec, a, b, perms, g, users[g], ctx["static"]) for g in todo if g not in ctx["block_keys"]}
-        stats["similarity"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        used, moved = solve_round(spec, S, perms, ctx["lap_backend"], ctx["tol"])
-        stats["lap"] += time.perf_counter() - t0
-        stats["backends"] += used
-        track.solved.update({g: ctx["round"] for g in todo})
-        track.changed.update({g: ctx["round"] for g in changed + moved})
-        value.changed(changed + moved)
+            S = {g: similarity(self.spec, self.a, self.b, perms, g, self.users[g], self.static)
+                 for g in todo if g not in self.block_keys}
+            self.similarity_seconds += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            used, moved = solve_round(self.spec, S, perms, self.lap_backend, self.tol)
+            self.lap_seconds += time.perf_counter() - t0
+            self.backends += used
+            self.track.solved.update({g: self.round for g in todo})
+            self.track.changed.update({g: self.round for g in changed + moved})
+            self.value.changed(changed + moved)
 
 
 def weight_matching(
@@ -336,23 +366,17 @@ def weight_matching(
     a, b = _Fp32(a, device), _Fp32(b, device)
     perms = {g: p.to(device) for g, p in (init or identity_perms(spec)).items()}
     rng = random.Random(seed)
-    users = spec.users()  # derived once, not per group and sweep
-    ctx: dict[str, Any] = {
-        "users": users, "track": _Staleness(spec.neighbours()), "objective": _Objective(spec, a, b),
-        "stats": {"lap": 0.0, "similarity": 0.0, "backends": [], "sweep_seconds": []}, "round": 0, "static": {},
-        "skip": skip_unchanged, "tol": tol, "lap_backend": lap_backend,
-        "block_keys": {b: {key for key, _ in users[b]} for b in set(spec.blocks.values())},
-    }
-    sweeps, stats = 0, ctx["stats"]
-    with _threads(_thread_count(spec, shapes, users, device)):
-        trace = [ctx["objective"](perms)]
+    run = _Sweeper(spec, a, b, tol, lap_backend, skip_unchanged)
+    sweeps, seconds = 0, []
+    with _threads(_thread_count(spec, shapes, run.users, device)):
+        trace = [run.value(perms)]
         for sweeps in range(1, max_iter + 1):
             t0 = time.perf_counter()
             order = sorted(spec.groups)
             rng.shuffle(order)
-            _sweep(spec, a, b, perms, order, ctx)
-            trace.append(ctx["objective"](perms))
-            stats["sweep_seconds"].append(time.perf_counter() - t0)
+            run.sweep(perms, order)
+            trace.append(run.value(perms))
+            seconds.append(time.perf_counter() - t0)
             if trace[-1] <= trace[-2] + tol * max(1.0, abs(trace[-2])):
                 break
     return MatchResult(
@@ -361,11 +385,11 @@ def weight_matching(
         objective=trace,
         sweeps=sweeps,
         seconds=time.perf_counter() - start,
-        lap_seconds=stats["lap"],
-        similarity_seconds=stats["similarity"],
-        lap_backends=stats["backends"],
+        lap_seconds=run.lap_seconds,
+        similarity_seconds=run.similarity_seconds,
+        lap_backends=run.backends,
         unpermuted=spec.unpermuted(shapes),
-        sweep_seconds=stats["sweep_seconds"],
+        sweep_seconds=seconds,
     )
 
 
