@@ -103,6 +103,32 @@ def test_sweep_order_is_seeded():
     assert r1.objective == r2.objective
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "resnet20-ln"])
+def test_skipping_unchanged_groups_finds_the_same_permutations_as_the_plain_sweep(name):
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    spec = spec_for(model)
+    a, b = model.state_dict(), MODELS[name]().state_dict()
+    for seed in range(3):
+        fast = weight_matching(spec, a, b, seed=seed)
+        plain = weight_matching(spec, a, b, seed=seed, skip_unchanged=False)
+        assert fast.objective == plain.objective  # the same trace, number for number
+        assert all(torch.equal(fast.perms[g], plain.perms[g]) for g in spec.groups)
+
+
+def test_similarity_on_an_explicit_cpu_device_matches_the_states_device_and_keeps_threads():
+    torch.manual_seed(0)
+    model = MODELS["gpt2"]()
+    spec = spec_for(model)
+    a, b = model.state_dict(), MODELS["gpt2"]().state_dict()
+    threads = torch.get_num_threads()
+    on_cpu = weight_matching(spec, a, b, device="cpu")
+    assert torch.get_num_threads() == threads  # the one-thread context for tiny problems is undone
+    default = weight_matching(spec, a, b)
+    assert on_cpu.objective == default.objective
+    assert all(torch.equal(on_cpu.perms[g], default.perms[g]) for g in spec.groups)
+
+
 def test_rounds_never_batch_groups_that_share_a_tensor():
     spec = spec_for(MODELS["gpt2"]())
     nbrs = spec.neighbours()

@@ -12,7 +12,8 @@ import torch
 from torch.func import functional_call
 
 from lmctk.basin import lap
-from lmctk.basin.align import MatchResult, weight_matching
+from lmctk.basin.align import weight_matching
+from lmctk.basin.match import MatchResult
 from lmctk.errors import ConfigError
 from lmctk.io import state_device
 from lmctk.spec.core import PermutationSpec, group_slices, groups_in, identity_perms

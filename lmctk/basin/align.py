@@ -12,16 +12,17 @@ are the costs of one outer LAP over heads, so head order and within-head order a
 
 from __future__ import annotations
 
+import math
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 
 from lmctk.basin import lap
+from lmctk.basin.match import MatchResult
 from lmctk.errors import ConfigError
 from lmctk.io import assert_same_shapes, state_device, state_shapes
 from lmctk.spec.core import (
@@ -29,6 +30,7 @@ from lmctk.spec.core import (
     PermutationSpec,
     coordinates,
     group_slices,
+    groups_in,
     identity_perms,
     is_identity,
     permute_state,
@@ -36,49 +38,6 @@ from lmctk.spec.core import (
 )
 
 State = Mapping[str, torch.Tensor]
-
-
-@dataclass
-class MatchResult:
-    """Permutations that map B onto A, with the objective trace and where the time went."""
-
-    perms: Perms
-    method: str
-    objective: list[float]  # Σ <A, π(B)> after each sweep (index 0: before any update)
-    sweeps: int
-    seconds: float
-    lap_seconds: float = 0.0
-    similarity_seconds: float = 0.0
-    lap_backends: list[str] = field(default_factory=list)
-    unpermuted: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "objective": self.objective,
-            "sweeps": self.sweeps,
-            "seconds": self.seconds,
-            "lap_seconds": self.lap_seconds,
-            "similarity_seconds": self.similarity_seconds,
-            "lap_backends": sorted(set(self.lap_backends)),
-            "unpermuted": self.unpermuted,
-            "groups": {g: p.shape[-1] for g, p in self.perms.items()},
-            "moved": {g: int((p != torch.arange(p.shape[-1], device=p.device)).sum()) for g, p in self.perms.items()},
-        }
-
-    def __rich__(self):
-        from rich.table import Table
-
-        d = self.to_dict()
-        t = Table(title=self.method.replace("_", " "),
-                  caption=f"{self.sweeps} sweeps in {self.seconds:.2f} s (LAP {self.lap_seconds:.2f} s, "
-                          f"similarity {self.similarity_seconds:.2f} s)")
-        t.add_column("group")
-        t.add_column("size", justify="right")
-        t.add_column("moved", justify="right")
-        for g, n in d["groups"].items():
-            t.add_row(g, str(n), str(d["moved"][g]))
-        return t
 
 
 def _rows(tensor: torch.Tensor, axis: int, index: torch.Tensor | None, rows: int) -> torch.Tensor:
@@ -100,39 +59,71 @@ def _slices(spec: PermutationSpec, tensor: torch.Tensor, axes, axis: int, group:
 
 def similarity(
     spec: PermutationSpec, a: State, b: State, perms: Perms, group: str,
-    users: list[tuple[str, int]] | None = None,
+    users: list[tuple[str, int]] | None = None, static: dict | None = None,
 ) -> torch.Tensor:
     """S[i, j] = Σ <A slice i, π_{-g}(B) slice j> over the tensors `group` acts on (fp32).
 
     A per-block group gets one matrix per block: S[e, i, j]. `users` is `spec.users()[group]`,
-    passed by callers that compute the inverse map once.
+    passed by callers that compute the inverse map once. `static` keeps, across calls, the terms of
+    tensors no other group acts on (an embedding's vocab rows) when they cost more to compute than to store.
     """
     users = spec.users()[group] if users is None else users
     others = {g: p for g, p in perms.items() if g != group}
     n = spec.groups[group]
     blocks = spec.groups[spec.blocks[group]] if group in spec.blocks else 1
-    S = torch.zeros(blocks, n, n, dtype=torch.float32, device=state_device(a))
+    S = torch.zeros(blocks, n, n, dtype=torch.float32, device=_device(a))
     slices: dict = {}
     indices: dict = {}
     for key, axis in users:
+        if static is not None and (group, key) in static:
+            S += static[group, key]
+            continue
         axes = spec.axes[key]
         ta = _slices(spec, a[key].to(torch.float32), axes, axis, group, slices)
         tb = permute_tensor(b[key].to(torch.float32), axes, spec.groups, others, indices, spec.blocks)
         tb = _slices(spec, tb, axes, axis, group, slices)
-        S += ta.reshape(blocks, n, -1) @ tb.reshape(blocks, n, -1).transpose(1, 2)
+        term = ta.reshape(blocks, n, -1) @ tb.reshape(blocks, n, -1).transpose(1, 2)
+        S += term
+        alone = {g for layout in axes if layout is not None for g in groups_in(layout)} == {group}
+        if static is not None and alone and ta.shape[1] >= n:
+            static[group, key] = term
     return S if group in spec.blocks else S[0]
+
+
+def _terms(spec: PermutationSpec, a: State, b: State, perms: Perms, keys) -> dict[str, float]:
+    """<A, π(B)> of each spec'd parameter in `keys` (buffers never), in the spec's order."""
+    indices: dict = {}
+    out = {}
+    for key, axes in spec.axes.items():
+        if key in keys and key not in spec.buffers:
+            tb = permute_tensor(b[key].to(torch.float32), axes, spec.groups, perms, indices, spec.blocks)
+            out[key] = float((a[key].to(torch.float32) * tb).sum())
+    return out
 
 
 def objective(spec: PermutationSpec, a: State, b: State, perms: Perms, keys: set[str] | None = None) -> float:
     """Σ over spec'd parameters (tied aliases once, buffers never; only `keys` if given) of <A, π(B)>."""
-    total = 0.0
-    indices: dict = {}
-    for key, axes in spec.axes.items():
-        if key in spec.buffers or (keys is not None and key not in keys):
-            continue
-        tb = permute_tensor(b[key].to(torch.float32), axes, spec.groups, perms, indices, spec.blocks)
-        total += float((a[key].to(torch.float32) * tb).sum())
-    return total
+    return sum(_terms(spec, a, b, perms, spec.axes.keys() if keys is None else keys).values(), 0.0)
+
+
+class _Objective:
+    """The objective kept per tensor: only tensors a changed group acts on are evaluated again. The
+    total adds the same terms in the same order as `objective`, so it is the same number."""
+
+    def __init__(self, spec: PermutationSpec, a: State, b: State) -> None:
+        self.spec, self.a, self.b = spec, a, b
+        self.terms: dict[str, float] = {}
+        self.keys_of = {g: {key for key, _ in users} for g, users in spec.users().items()}
+
+    def changed(self, groups: Iterable[str]) -> None:
+        for g in groups:
+            for key in self.keys_of[g]:
+                self.terms.pop(key, None)
+
+    def __call__(self, perms: Perms, keys: Iterable[str] | None = None) -> float:
+        wanted = {k for k in (self.spec.axes if keys is None else keys) if k not in self.spec.buffers}
+        self.terms.update(_terms(self.spec, self.a, self.b, perms, wanted - self.terms.keys()))
+        return sum((self.terms[k] for k in self.spec.axes if k in wanted), 0.0)
 
 
 def independent_rounds(
@@ -164,7 +155,7 @@ def head_step(
     deps = [g for g, o in spec.blocks.items() if o == block and spec.groups[g] > 1]
     others = {g: p for g, p in perms.items() if g != block and g not in deps}
     n = spec.groups[block]
-    device = state_device(a)
+    device = _device(a)
     C = torch.zeros(n, n, dtype=torch.float32, device=device)
     S = {g: torch.zeros(n, n, spec.groups[g], spec.groups[g], device=device) for g in deps}
     indices: dict = {}
@@ -202,13 +193,14 @@ def head_step(
 
 
 def solve_round(spec: PermutationSpec, S: dict[str, torch.Tensor], perms: Perms, lap_backend: str,
-                tol: float) -> list[str]:
+                tol: float) -> tuple[list[str], list[str]]:
     """One batched LAP per group size over the similarities `S` of independent groups; a group's
-    permutation is replaced only when its assignment strictly improves. Returns the backends used."""
+    permutation is replaced only when its assignment strictly improves. Returns the backends used
+    and the groups whose permutation changed."""
     by_size: dict[int, list[str]] = {}
     for g in S:
         by_size.setdefault(spec.groups[g], []).append(g)
-    backends = []
+    backends, changed = [], []
     for gs in by_size.values():
         n = spec.groups[gs[0]]
         stacked = torch.cat([S[g].reshape(-1, n, n) for g in gs])
@@ -218,8 +210,131 @@ def solve_round(spec: PermutationSpec, S: dict[str, torch.Tensor], perms: Perms,
             p_new = p_new.reshape(perms[g].shape)
             old_score = float(lap.objective(S[g], perms[g]).sum())
             if float(lap.objective(S[g], p_new).sum()) > old_score + tol * max(1.0, abs(old_score)):
+                changed += [g] if not torch.equal(p_new.cpu(), perms[g].cpu()) else []
                 perms[g] = p_new.to(perms[g].device)
-    return backends
+    return backends, changed
+
+
+@dataclass
+class _Staleness:
+    """Which groups need solving again. A group's similarity depends only on its neighbours' perms, so
+    while none of them has changed since its last solve, solving it again returns the same answer."""
+
+    neighbours: dict[str, set[str]]
+    changed: dict[str, int] = field(default_factory=dict)  # group -> round its perm last changed
+    solved: dict[str, int] = field(default_factory=dict)  # group -> round it was last solved
+
+    def stale(self, g: str) -> bool:
+        last = self.solved.get(g)
+        return last is None or any(self.changed.get(n, -1) > last for n in self.neighbours[g])
+
+
+class _Fp32(Mapping):
+    """A state's tensors as fp32 on `device`, converted on access (no copy when already there)."""
+
+    def __init__(self, state: State, device: torch.device) -> None:
+        self.state, self.device = state, device
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.state[key].to(self.device, torch.float32)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.state)
+
+    def __len__(self) -> int:
+        return len(self.state)
+
+
+def _device(state: State) -> torch.device:
+    """Where a state's tensors are (or, for an `_Fp32` view, are moved to), without reading one."""
+    return state.device if isinstance(state, _Fp32) else state_device(state)
+
+
+@contextmanager
+def _threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to `count` inside the block."""
+    before = torch.get_num_threads()
+    if count != before:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count != before:
+            torch.set_num_threads(before)
+
+
+# Below this many multiply-adds in a group's similarity, waking a second thread costs more than it saves
+# (on a busy 2-core machine a small matching ran 15x slower on 2 threads than on 1).
+_ONE_THREAD_MACS = 1 << 24
+
+
+def _thread_count(spec: PermutationSpec, shapes: Mapping[str, tuple[int, ...]], users, device: torch.device) -> int:
+    """One thread when every group's similarity is tiny (CPU only), else torch's current count."""
+    def macs(g: str) -> int:
+        return sum(math.prod(shapes[key]) for key, _ in users[g]) * spec.groups[g]
+
+    small = device.type == "cpu" and all(macs(g) < _ONE_THREAD_MACS for g in spec.groups)
+    return 1 if small else torch.get_num_threads()
+
+
+@dataclass
+class _Sweeper:
+    """Coordinate ascent's state across sweeps: what is stale, the objective's terms, the static
+    similarity terms and where the time went."""
+
+    spec: PermutationSpec
+    a: State
+    b: State
+    tol: float
+    lap_backend: str
+    skip: bool
+    users: dict[str, list[tuple[str, int]]] = field(init=False)
+    block_keys: dict[str, set[str]] = field(init=False)
+    track: _Staleness = field(init=False)
+    value: _Objective = field(init=False)
+    static: dict = field(default_factory=dict)
+    round: int = 0
+    lap_seconds: float = 0.0
+    similarity_seconds: float = 0.0
+    backends: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.users = self.spec.users()  # derived once, not per group and sweep
+        self.block_keys = {b: {key for key, _ in self.users[b]} for b in set(self.spec.blocks.values())}
+        self.track = _Staleness(self.spec.neighbours())
+        self.value = _Objective(self.spec, self.a, self.b)
+
+    def heads(self, perms: Perms, block: str) -> list[str]:
+        """The joint head step of `block`, kept only if it raises the objective; returns the groups it moved."""
+        t0 = time.perf_counter()
+        proposal, used = head_step(self.spec, self.a, self.b, perms, block, self.users[block], self.lap_backend)
+        self.lap_seconds += time.perf_counter() - t0
+        self.backends += used
+        keys = self.block_keys[block]
+        before, after = self.value(perms, keys), objective(self.spec, self.a, self.b, {**perms, **proposal}, keys)
+        if after <= before + self.tol * max(1.0, abs(before)):
+            return []
+        moved = [h for h, p in proposal.items() if not torch.equal(p, perms[h])]
+        perms.update(proposal)
+        return moved
+
+    def sweep(self, perms: Perms, order: list[str]) -> None:
+        """One sweep in `order`, round by round, solving only groups that are stale (all without `skip`)."""
+        for round_ in independent_rounds(self.spec, order, self.track.neighbours):
+            self.round += 1
+            todo = [g for g in round_ if self.track.stale(g) or not self.skip]
+            changed = [h for g in todo if g in self.block_keys for h in self.heads(perms, g)]
+            t0 = time.perf_counter()
+            S = {g: similarity(self.spec, self.a, self.b, perms, g, self.users[g], self.static)
+                 for g in todo if g not in self.block_keys}
+            self.similarity_seconds += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            used, moved = solve_round(self.spec, S, perms, self.lap_backend, self.tol)
+            self.lap_seconds += time.perf_counter() - t0
+            self.backends += used
+            self.track.solved.update({g: self.round for g in todo})
+            self.track.changed.update({g: self.round for g in changed + moved})
+            self.value.changed(changed + moved)
 
 
 def weight_matching(
@@ -232,57 +347,49 @@ def weight_matching(
     init: Perms | None = None,
     tol: float = 1e-12,
     lap_backend: str = "auto",
+    device: str | torch.device | None = None,
+    skip_unchanged: bool = True,
 ) -> MatchResult:
     """Permutations of B's groups that maximise Σ <A, π(B)> (Ainsworth et al. 2023, weight matching).
 
-    Similarities accumulate in fp32 on the states' device (bf16/fp16 inputs are fine); LAPs run on
-    the backend `lap.solve` picks. Each sweep never lowers the objective; the trace is returned.
+    Similarities accumulate in fp32 on `device` (default: the states'; bf16/fp16 inputs are fine); LAPs
+    run on the backend `lap.solve` picks. Each sweep never lowers the objective; the trace is returned.
+    `skip_unchanged=False` solves every group every sweep (same answer, slower: for checking the skip).
     """
     if max_iter < 1:
         raise ConfigError(f"max_iter: must be at least 1, got {max_iter}")
     assert_same_shapes(a, b, "model A", "model B")
-    spec.validate(state_shapes(a))
+    shapes = state_shapes(a)
+    spec.validate(shapes)
     start = time.perf_counter()
-    device = state_device(a)
+    device = torch.device(device) if device is not None else state_device(a)
+    a, b = _Fp32(a, device), _Fp32(b, device)
     perms = {g: p.to(device) for g, p in (init or identity_perms(spec)).items()}
     rng = random.Random(seed)
-    users, neighbours = spec.users(), spec.neighbours()  # derived once, not per group and sweep
-    block_keys = {b: {key for key, _ in users[b]} for b in set(spec.blocks.values())}
-    trace = [objective(spec, a, b, perms)]
-    lap_time = sim_time = 0.0
-    backends: list[str] = []
-    sweeps = 0
-    for sweeps in range(1, max_iter + 1):
-        order = sorted(spec.groups)
-        rng.shuffle(order)
-        for round_ in independent_rounds(spec, order, neighbours):
-            for g in (g for g in round_ if g in block_keys):  # heads with their within-head groups, jointly
-                t0 = time.perf_counter()
-                proposal, used = head_step(spec, a, b, perms, g, users[g], lap_backend)
-                lap_time += time.perf_counter() - t0
-                backends += used
-                before = objective(spec, a, b, perms, block_keys[g])
-                if objective(spec, a, b, {**perms, **proposal}, block_keys[g]) > before + tol * max(1.0, abs(before)):
-                    perms.update(proposal)
+    run = _Sweeper(spec, a, b, tol, lap_backend, skip_unchanged)
+    sweeps, seconds = 0, []
+    with _threads(_thread_count(spec, shapes, run.users, device)):
+        trace = [run.value(perms)]
+        for sweeps in range(1, max_iter + 1):
             t0 = time.perf_counter()
-            S = {g: similarity(spec, a, b, perms, g, users[g]) for g in round_ if g not in block_keys}
-            sim_time += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            backends += solve_round(spec, S, perms, lap_backend, tol)
-            lap_time += time.perf_counter() - t0
-        trace.append(objective(spec, a, b, perms))
-        if trace[-1] <= trace[-2] + tol * max(1.0, abs(trace[-2])):
-            break
+            order = sorted(spec.groups)
+            rng.shuffle(order)
+            run.sweep(perms, order)
+            trace.append(run.value(perms))
+            seconds.append(time.perf_counter() - t0)
+            if trace[-1] <= trace[-2] + tol * max(1.0, abs(trace[-2])):
+                break
     return MatchResult(
         perms={g: p.cpu() for g, p in perms.items()},
         method="weight_matching",
         objective=trace,
         sweeps=sweeps,
         seconds=time.perf_counter() - start,
-        lap_seconds=lap_time,
-        similarity_seconds=sim_time,
-        lap_backends=backends,
-        unpermuted=spec.unpermuted(a.keys()),
+        lap_seconds=run.lap_seconds,
+        similarity_seconds=run.similarity_seconds,
+        lap_backends=run.backends,
+        unpermuted=spec.unpermuted(shapes),
+        sweep_seconds=seconds,
     )
 
 
@@ -290,49 +397,3 @@ def apply(spec: PermutationSpec, state: State, result: MatchResult | Perms) -> d
     """B permuted into A's neuron order."""
     perms = result.perms if isinstance(result, MatchResult) else result
     return permute_state(state, spec, perms)
-
-
-def save_aligned(
-    spec: PermutationSpec,
-    b: State,
-    perms: MatchResult | Perms,
-    out_dir: str | Path,
-    *,
-    source_dir: str | Path | None = None,
-    shard_size: int | str = "2GB",
-    overwrite: bool = False,
-) -> Path:
-    """Write π(B) as an HF model dir, one tensor at a time (B may be a LazyState or a view of one), with B's
-    `config.json` and tokenizer files copied from `source_dir`. Tensors keep B's stored names; tied
-    aliases B's checkpoint omits are omitted again (`io.keys.stored_names`)."""
-    from lmctk.io import TensorSlot, stored_names, stream_hf_dir
-    from lmctk.io.write import side_files
-
-    perms = perms.perms if isinstance(perms, MatchResult) else perms
-    shapes, names = state_shapes(b), stored_names(b)
-    dtypes = b.dtypes if hasattr(b, "dtypes") else {k: b[k].dtype for k in names}
-    slots = [TensorSlot(stored, tuple(shapes[key]), dtypes[key]) for key, stored in names.items()]
-    key_of = {stored: key for key, stored in names.items()}
-    files = {f.name: f.read_bytes() for f in side_files(Path(source_dir))} if source_dir else {}
-    view = PermutedView(spec, b, perms)
-    return stream_hf_dir(out_dir, slots, lambda name: view[key_of[name]].contiguous(), shard_size=shard_size,
-                         files=files, overwrite=overwrite)
-
-
-class PermutedView(Mapping):
-    """π(B) computed tensor by tensor on access, so streaming code never materialises it whole."""
-
-    def __init__(self, spec: PermutationSpec, state: State, perms: Perms) -> None:
-        self.spec, self.state, self.perms = spec, state, perms
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        axes = self.spec.layout_of(key)
-        value = self.state[key]
-        return value if axes is None else permute_tensor(value, axes, self.spec.groups, self.perms,
-                                                         blocks=self.spec.blocks)
-
-    def __iter__(self):
-        return iter(self.state)
-
-    def __len__(self) -> int:
-        return len(self.state)

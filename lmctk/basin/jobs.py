@@ -12,24 +12,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from lmctk.basin.activation import activation_matching
-from lmctk.basin.align import (
-    MatchResult,
-    PermutedView,
-    apply,
-    save_aligned,
-    weight_matching,
-)
+from lmctk.basin.align import apply, weight_matching
 from lmctk.basin.barrier import (
     DEFINITIONS,
     BarrierResult,
     barrier_matrix,
     barrier_sweep,
 )
+from lmctk.basin.match import MatchResult
+from lmctk.basin.saved import (
+    PERMS_NAME,
+    PermutedView,
+    load_perms,
+    save_aligned,
+    save_perms,
+)
 from lmctk.errors import ConfigError
-from lmctk.io import resolve_checkpoint
+from lmctk.io import resolve_checkpoint, state_shapes
 from lmctk.loading import load_model_state, meta_skeleton, read_state, resolve_task
 from lmctk.metrics import distances
 from lmctk.render import line_plot, terminal_curve
@@ -48,11 +51,12 @@ class AlignReport:
     before: dict[str, float]
     after: dict[str, float]
     function_check: float | None  # max relative output difference of π(B) vs B (None when streamed)
-    written: Path | None = None
+    written: list[Path] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.match.to_dict(), "perms": {g: p.tolist() for g, p in self.match.perms.items()},
-                "distance": {"before": self.before, "after": self.after}, "function_check": self.function_check}
+                "distance": {"before": self.before, "after": self.after}, "function_check": self.function_check,
+                "written": [str(p) for p in self.written]}
 
     def __rich__(self):
         from rich.console import Group
@@ -70,8 +74,7 @@ class AlignReport:
                          f"{self.function_check:.2e}")
         if self.match.unpermuted:
             lines.append(f"left unpermuted: {', '.join(self.match.unpermuted)}")
-        if self.written is not None:
-            lines.append(f"aligned B written to {self.written}")
+        lines += [f"written: {path}" for path in self.written]
         return Group(self.match, table, *[Text(line) for line in lines])
 
 
@@ -86,18 +89,25 @@ def align_checkpoints(
     max_iter: int = 100,
     seed: int = 0,
     lap_backend: str = "auto",
+    device: str = "cpu",
     max_batches: int = 8,
     out: str | Path | None = None,
+    perms: str | Path | None = None,
+    perms_only: bool = False,
     overwrite: bool = False,
 ) -> AlignReport:
-    """Align checkpoint B to checkpoint A; with `out`, write π(B) there as an HF model dir.
+    """Align checkpoint B to checkpoint A; with `out`, write π(B) there as an HF model dir (with its
+    permutations file); `perms` also writes the permutations to that file; `perms_only` writes no model.
 
     `stream` reads both checkpoints tensor by tensor (weight matching only), so neither is held whole.
+    `device` runs weight matching's similarity matmuls there (the states stay where they are).
     """
     if method not in MATCHING:
         raise ConfigError(f"--method: unknown {method!r}; choose one of {', '.join(MATCHING)}")
     if stream and method != "weight":
         raise ConfigError("--stream: only weight matching streams; drop --stream for activation matching")
+    if perms_only and out is None and perms is None:
+        raise ConfigError("--perms-only: give --out DIR or --perms FILE to write the permutations to")
     model, the_task = None, None
     if stream:
         skeleton = meta_skeleton(a)
@@ -109,7 +119,8 @@ def align_checkpoints(
         state_b = read_state(b, model)
         spec = spec_for(model)
     if method == "weight":
-        match = weight_matching(spec, state_a, state_b, max_iter=max_iter, seed=seed, lap_backend=lap_backend)
+        match = weight_matching(spec, state_a, state_b, max_iter=max_iter, seed=seed, lap_backend=lap_backend,
+                                device=resolve_device(device))
     else:
         match = activation_matching(model, spec, state_a, state_b, the_task, max_batches=max_batches,
                                     seed=seed, lap_backend=lap_backend)
@@ -117,10 +128,48 @@ def align_checkpoints(
     keys = [k for k in spec.axes if k not in spec.buffers] + spec.unpermuted(state_a.keys())
     report = AlignReport(match, distances(state_a, state_b, keys), distances(state_a, aligned, keys),
                          output_difference(model, dict(state_b), aligned) if model is not None else None)
-    if out is not None:
-        report.written = save_aligned(spec, state_b, match, out, source_dir=resolve_checkpoint(b),
-                                      overwrite=overwrite)
+    if out is not None and not perms_only:
+        report.written.append(save_aligned(spec, state_b, match, out, source_dir=resolve_checkpoint(b),
+                                           overwrite=overwrite))
+    targets = [Path(out) / PERMS_NAME] if out is not None and perms_only else []
+    for file in targets + ([Path(perms)] if perms is not None else []):
+        report.written.append(save_perms(spec, match.perms, file, overwrite=overwrite))
     return report
+
+
+@dataclass
+class PermuteReport:
+    """Saved permutations applied to a checkpoint: where π(checkpoint) went and how much moved."""
+
+    checkpoint: Path
+    perms_file: Path
+    written: Path
+    moved: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"checkpoint": str(self.checkpoint), "perms": str(self.perms_file), "written": str(self.written),
+                "moved": self.moved}
+
+    def __rich__(self):
+        from rich.text import Text
+
+        moved = sum(1 for n in self.moved.values() if n)
+        return Text(f"{self.checkpoint} permuted by {self.perms_file} ({moved} of {len(self.moved)} groups "
+                    f"move) and written to {self.written}")
+
+
+def permute_checkpoint(checkpoint: str | Path, perms: str | Path, out: str | Path, *,
+                       overwrite: bool = False) -> PermuteReport:
+    """Apply permutations saved by `align` to another checkpoint of the same architecture (a later step
+    of the run, a fine-tune of it) and write the result as an HF model dir, one tensor at a time."""
+    skeleton = meta_skeleton(checkpoint)
+    spec = spec_for(skeleton)
+    saved = load_perms(perms, spec)
+    state = read_state(checkpoint, skeleton, lazy=True)  # tied aliases the file omits are read, and omitted again
+    spec.validate(state_shapes(state))
+    written = save_aligned(spec, state, saved, out, source_dir=resolve_checkpoint(checkpoint), overwrite=overwrite)
+    moved = {g: int((p != torch.arange(p.shape[-1])).sum()) for g, p in saved.items()}
+    return PermuteReport(Path(checkpoint), Path(perms), written, moved)
 
 
 def _names(paths: Sequence[Path]) -> list[str]:

@@ -14,11 +14,12 @@ from lmctk.spec.core import (
     invert,
     permute_state,
     random_perms,
+    spec_hash,
 )
 from lmctk.spec.preservation import check
 from lmctk.spec.registry import register, spec_for
 
 __all__ = [
     "Cat", "Fixed", "PermutationSpec", "Prod", "check", "identity_perms", "invert", "permute_state",
-    "random_perms", "register", "spec_for",
+    "random_perms", "register", "spec_for", "spec_hash",
 ]

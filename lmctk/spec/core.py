@@ -19,6 +19,8 @@ acts on, so a perm returned by a maximising LAP on S[i, j] = <A_i, B_j> maps B o
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -328,3 +330,21 @@ def invert(perms: Perms, spec: PermutationSpec | None = None) -> Perms:
 def shared_within(spec: PermutationSpec) -> PermutationSpec:
     """`spec` with every per-block group shared by all blocks (the coarser symmetry of older specs)."""
     return dataclasses.replace(spec, blocks={})
+
+
+def _layout_json(layout: Layout | None):
+    """A layout as plain JSON (None, a group name, or [kind, parts…]), independent of its Python repr."""
+    if layout is None or isinstance(layout, str):
+        return layout
+    if isinstance(layout, Fixed):
+        return ["fixed", layout.size]
+    return ["prod" if isinstance(layout, Prod) else "cat", *(_layout_json(p) for p in layout.parts)]
+
+
+def spec_hash(spec: PermutationSpec) -> str:
+    """A stable fingerprint of what a set of permutations means: groups and sizes, per-block groups, every
+    tensor's axis layouts and tied aliases (not the spec's name). Saved permutations carry it, so they
+    are applied only to checkpoints whose spec has the same one."""
+    payload = {"groups": spec.groups, "blocks": spec.blocks, "tied": spec.tied,
+               "axes": {key: [_layout_json(layout) for layout in axes] for key, axes in spec.axes.items()}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,117 @@
+"""Alignment results on disk: π(B) as an HF model dir, and the permutations themselves.
+
+`permutations.safetensors` holds one int64 tensor per group (a per-block group's is `[n_block, n]`),
+with the spec hash and lmctk version in its metadata, so permutations found once can be applied to
+another checkpoint of the same architecture (a later step of the run, a fine-tune of it) and are
+refused for any other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+from lmctk import __version__
+from lmctk.basin.align import State
+from lmctk.basin.match import MatchResult
+from lmctk.errors import ConfigError
+from lmctk.io import (
+    TensorSlot,
+    inspect_checkpoint,
+    load_state,
+    state_shapes,
+    stored_names,
+    stream_hf_dir,
+)
+from lmctk.io.atomic import staged, writing
+from lmctk.io.write import side_files
+from lmctk.spec.core import Perms, PermutationSpec, permute_tensor, spec_hash
+
+PERMS_NAME = "permutations.safetensors"
+
+
+def perms_bytes(spec: PermutationSpec, perms: Perms) -> bytes:
+    """The permutations file's contents: one int64 tensor per group, stamped with the spec hash."""
+    tensors = {g: p.to("cpu", torch.int64).contiguous() for g, p in perms.items()}
+    meta = {"format": "lmctk-permutations", "spec": spec.name, "spec_hash": spec_hash(spec),
+            "lmctk_version": __version__}
+    return safetensors_bytes(tensors, metadata=meta)
+
+
+def save_perms(spec: PermutationSpec, perms: Perms, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write the permutations file to `path` atomically (its folder is created)."""
+    path = Path(path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with staged(path, overwrite=overwrite) as tmp:
+        tmp.write_bytes(perms_bytes(spec, perms))
+    return path
+
+
+def load_perms(path: str | Path, spec: PermutationSpec) -> Perms:
+    """Permutations saved by `lmctk align`, checked to belong to `spec` (same hash, groups and shapes)."""
+    path = Path(path)
+    meta = inspect_checkpoint(path).metadata
+    if meta.get("format") != "lmctk-permutations":
+        raise ConfigError(f"{path}: not a permutations file (no lmctk-permutations metadata); "
+                          f"give the {PERMS_NAME} that `lmctk align --out` wrote")
+    if meta.get("spec_hash") != spec_hash(spec):
+        raise ConfigError(f"{path}: permutations are for spec {meta.get('spec')!r} (hash {meta.get('spec_hash')}), "
+                          f"the checkpoint's spec {spec.name!r} has hash {spec_hash(spec)}; "
+                          "align checkpoints of this architecture instead")
+    perms = dict(load_state(path))
+    for g, n in spec.groups.items():
+        shape = (spec.groups[spec.blocks[g]], n) if g in spec.blocks else (n,)
+        if g not in perms or tuple(perms[g].shape) != shape or not torch.equal(perms[g].sort(-1).values,
+                                                                               torch.arange(n).expand(shape)):
+            raise ConfigError(f"{path}: group {g} is missing or not a permutation of shape {shape}; "
+                              "the file is damaged, write it again with `lmctk align`")
+    return perms
+
+
+def save_aligned(
+    spec: PermutationSpec,
+    b: State,
+    perms: MatchResult | Perms,
+    out_dir: str | Path,
+    *,
+    source_dir: str | Path | None = None,
+    shard_size: int | str = "2GB",
+    overwrite: bool = False,
+) -> Path:
+    """Write π(B) as an HF model dir, one tensor at a time (B may be a LazyState or a view of one), with
+    B's `config.json` and tokenizer files copied from `source_dir` and the permutations beside it.
+    Tensors keep B's stored names; tied aliases B's checkpoint omits are omitted again
+    (`io.keys.stored_names`)."""
+    perms = perms.perms if isinstance(perms, MatchResult) else perms
+    shapes, names = state_shapes(b), stored_names(b)
+    dtypes = b.dtypes if hasattr(b, "dtypes") else {k: b[k].dtype for k in names}
+    slots = [TensorSlot(stored, tuple(shapes[key]), dtypes[key]) for key, stored in names.items()]
+    key_of = {stored: key for key, stored in names.items()}
+    files = {f.name: f.read_bytes() for f in side_files(Path(source_dir))} if source_dir else {}
+    files[PERMS_NAME] = perms_bytes(spec, perms)
+    view = PermutedView(spec, b, perms)
+    return stream_hf_dir(out_dir, slots, lambda name: view[key_of[name]].contiguous(), shard_size=shard_size,
+                         files=files, overwrite=overwrite)
+
+
+class PermutedView(Mapping):
+    """π(B) computed tensor by tensor on access, so streaming code never materialises it whole."""
+
+    def __init__(self, spec: PermutationSpec, state: State, perms: Perms) -> None:
+        self.spec, self.state, self.perms = spec, state, perms
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        axes = self.spec.layout_of(key)
+        value = self.state[key]
+        return value if axes is None else permute_tensor(value, axes, self.spec.groups, self.perms,
+                                                         blocks=self.spec.blocks)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.state)
+
+    def __len__(self) -> int:
+        return len(self.state)
