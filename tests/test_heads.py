@@ -18,13 +18,7 @@ VOCAB, POSITIONS, SEEDS, NOISE = 97, 512, 30, 1e-4  # GPT-2/BERT: `res` is found
 EXAMPLES = settings(max_examples=1, deadline=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: one thread is many times faster than two on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: one thread beats two on a busy machine
 
 
 def config(family: str, heads: int, kv: int, d: int, inner: int) -> transformers.PretrainedConfig:

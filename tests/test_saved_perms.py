@@ -17,13 +17,7 @@ from lmctk.errors import ConfigError
 from lmctk.io import LazyState, inspect_checkpoint, load_state, save_hf_dir
 from lmctk.spec import spec_for, spec_hash
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matmuls: one thread beats two on a busy machine
 
 
 def gpt2_dir(path, seed: int, heads: int = 4, noise: float = 0.0):
