@@ -192,7 +192,8 @@ def check(job: Job, work: Path, kills: int, rng: random.Random) -> Row:
             row.finished_before_kill += 1
             wall = max(delay, 0.1)  # the machine is faster than the reference run was: draw earlier kills
         else:
-            resumed = lmctk(*job.resume(out))
+            # killed before OUT existed: nothing to resume (--resume says so), the original command starts it
+            resumed = lmctk(*(job.resume(out) if out.exists() else job.argv(out)))
             if resumed.wait() != 0:
                 row.failures.append(f"kill {k} at {delay:.2f}s: resume exit {resumed.returncode}: "
                                     f"{resumed.stderr.read().strip()[-300:]}")
