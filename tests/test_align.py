@@ -46,7 +46,9 @@ def test_weight_matching_recovers_a_randomly_permuted_copy(name):
     a = model.state_dict()
     perms = random_perms(spec, torch.Generator().manual_seed(1))
     b = permute_state(a, spec, perms)
-    result = weight_matching(spec, a, b)
+    sweeps = []
+    result = weight_matching(spec, a, b, progress=lambda done, total: sweeps.append((done, total)))
+    assert sweeps == [(i, None) for i in range(1, result.sweeps + 1)]
     aligned = apply(spec, b, result)
     for key in a:
         assert torch.equal(aligned[key], a[key]), key

@@ -256,7 +256,10 @@ def test_result_serialises_with_self_explaining_keys(mlps):
 def test_barrier_matrix_covers_every_pair_symmetrically(mlps):
     model, a, b, task = mlps
     c = lerp(a, b, 0.3)
-    matrix = barrier_matrix(model, {"a": a, "b": b, "c": c}, task, points=3)
+    calls = []
+    matrix = barrier_matrix(model, {"a": a, "b": b, "c": c}, task, points=3,
+                            progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]  # one stage (the raw sweep) per pair
     assert set(matrix.pairs) == {("a", "b"), ("a", "c"), ("b", "c")}
     m = matrix.matrix("raw", "loss", "mean_endpoint")
     assert all(m[i][i] == 0.0 and m[i][j] == m[j][i] for i in range(3) for j in range(3))

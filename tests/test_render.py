@@ -58,6 +58,30 @@ def test_progress_counts_bytes_and_minutes():
     assert buffer.getvalue().strip() == "soup  3.0 MiB/6.0 MiB  (50%)  elapsed 1m15s  ETA 1m15s  model.layers.0.weight"
 
 
+def test_progress_stage_switches_label_and_unit_and_restarts_the_clock():
+    console, buffer = _log_console()
+    clock = Clock()
+    with Progress("soup", unit="bytes", console=console, clock=clock) as bar:
+        clock.now = 20.0
+        bar.stage("soup: greedy selection", unit="evaluations")
+        clock.now = 31.0
+        bar.update(2, 5)
+        bar.stage("soup: greedy selection", unit="evaluations")  # the current stage: nothing restarts
+        assert (bar.done, bar.total) == (2, 5)
+    assert buffer.getvalue().strip() == "soup: greedy selection  2/5  (40%)  elapsed 11s  ETA 16s"
+
+
+def test_stages_count_up_to_the_total_for_a_job_callback():
+    from lmctk.render.progress import stages
+
+    calls = []
+    stage = stages(lambda done, total: calls.append((done, total)), 2)
+    stage()
+    stage()
+    stages(None, 3)()  # no callback: nothing to call
+    assert calls == [(1, 2), (2, 2)]
+
+
 def _render(renderable, width: int) -> list[str]:
     console = Console(width=width, record=True, file=io.StringIO())
     console.print(renderable)

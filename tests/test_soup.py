@@ -105,6 +105,9 @@ def test_greedy_soup_starts_from_best_and_keeps_only_strict_improvements():
     tolerant = greedy_soup(states, score, tolerance=0.15)
     assert sorted(tolerant.kept) == [0, 1, 3]
     assert json.loads(json.dumps(tolerant.to_dict()))["kept"] == tolerant.kept
+    calls = []
+    greedy_soup(states, score, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(i, 7) for i in range(1, 8)]  # 4 ingredients alone, then 3 trials
 
 
 # -- from files -----------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ matching (the correlations play the role of the weights)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -138,12 +138,14 @@ def activation_matching(
     batch_size: int | None = 256,
     seed: int = 0,
     lap_backend: str = "auto",
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> MatchResult:
     """Permutations of B's groups that maximise the correlation of A's and B's activations.
 
     Activations are recorded (hooks) at every module whose outputs carry a group, on the task's
     fixed `split` batches (at most `max_batches`); the summed per-site correlations are then
-    maximised over all groups jointly by the same coordinate descent as weight matching.
+    maximised over all groups jointly by the same coordinate descent as weight matching (`progress`
+    as there: after every sweep).
     """
     start = time.perf_counter()
     sites = activation_sites(model, spec)
@@ -163,7 +165,8 @@ def activation_matching(
     init = identity_perms(spec)  # per-block groups are found with their heads by the joint step
     init.update({g: lap.solve(_pooled_similarity(corr_spec, correlations, g, users[g]), backend=lap_backend)
                  for g in spec.groups if g not in spec.blocks})
-    matched = weight_matching(corr_spec, identities, correlations, init=init, seed=seed, lap_backend=lap_backend)
+    matched = weight_matching(corr_spec, identities, correlations, init=init, seed=seed, lap_backend=lap_backend,
+                              progress=progress)
     return MatchResult(
         perms=matched.perms,
         method="activation_matching",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -349,12 +349,14 @@ def weight_matching(
     lap_backend: str = "auto",
     device: str | torch.device | None = None,
     skip_unchanged: bool = True,
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> MatchResult:
     """Permutations of B's groups that maximise Σ <A, π(B)> (Ainsworth et al. 2023, weight matching).
 
     Similarities accumulate in fp32 on `device` (default: the states'; bf16/fp16 inputs are fine); LAPs
     run on the backend `lap.solve` picks. Each sweep never lowers the objective; the trace is returned.
     `skip_unchanged=False` solves every group every sweep (same answer, slower: for checking the skip).
+    `progress(sweeps, None)` is called after every sweep (the number of sweeps is not known ahead).
     """
     if max_iter < 1:
         raise ConfigError(f"max_iter: must be at least 1, got {max_iter}")
@@ -377,6 +379,8 @@ def weight_matching(
             run.sweep(perms, order)
             trace.append(run.value(perms))
             seconds.append(time.perf_counter() - t0)
+            if progress:
+                progress(sweeps, None)
             if trace[-1] <= trace[-2] + tol * max(1.0, abs(trace[-2])):
                 break
     return MatchResult(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ from lmctk.basin.path import (
 from lmctk.errors import ConfigError
 from lmctk.io import assert_same_keys, assert_same_shapes
 from lmctk.metrics import distances
+from lmctk.render.progress import stages
 from lmctk.spec import spec_for
 from lmctk.tasks.base import Task
 
@@ -211,11 +212,13 @@ def barrier_sweep(
     spec=None,
     match_seed: int = 0,
     names: tuple[str, str] = ("A", "B"),
+    progress: Callable[[int, int], None] | None = None,
 ) -> BarrierResult:
     """Loss and error of θ(α) between `a` and `b` on `split`, before and (with `align`) after permuting
     B onto A; both barrier definitions, distances and timings. `renorm` ("bn_reset" or "repair")
     renormalises every θ(α) (endpoints included) on `calib_batches` fixed training batches.
-    `model` supplies the architecture only; its weights are not used or changed.
+    `model` supplies the architecture only; its weights are not used or changed. `progress(done, total)`
+    is called after each stage (raw sweep; alignment and aligned sweep).
     """
     start = time.perf_counter()
     if renorm not in rn.RENORMS:
@@ -231,12 +234,14 @@ def barrier_sweep(
     keys = module_keys(model, a, buffers=False)
     timings: dict[str, float] = {}
     eval_kw = dict(split=split, device=device, batch_size=batch_size, method=method, chunk=chunk, memory=memory)
+    stage = stages(progress, 1 if align is None else 3)
 
     def sweep(b_state: State, stats_a: dict | None = None, **evaluation: Any) -> tuple[Curve, dict, Renorm | None]:
         fix = _renorm_for(renorm, model, a, b_state, task, batches, stats_a)
         metrics, info = evaluate_path(model, a, b_state, alphas, task, renorm=fix, **{**eval_kw, **evaluation})
         if renorm == "repair":
             info["repair_layers"] = list(fix.layers)
+        stage()
         return Curve([m["loss"] for m in metrics], [m["accuracy"] for m in metrics]), info, fix
 
     t0 = time.perf_counter()
@@ -255,6 +260,7 @@ def barrier_sweep(
         t0 = time.perf_counter()
         b_aligned, match = align_states(model, a, b, task, align, spec=spec, seed=match_seed)
         timings["align"] = time.perf_counter() - t0
+        stage()
         settings["matching"] = {"method": match.method, "sweeps": match.sweeps, "unpermuted": match.unpermuted}
         t0 = time.perf_counter()
         # same A and batches: REPAIR reuses A's statistics; the evaluation reuses the raw sweep's choice
@@ -310,15 +316,18 @@ class BarrierMatrix:
         return Group(*tables)
 
 
-def barrier_matrix(model: nn.Module, states: Mapping[str, State], task: Task, **kwargs: Any) -> BarrierMatrix:
-    """`barrier_sweep` for every unordered pair of `states` (name -> state); kwargs go to each sweep."""
+def barrier_matrix(model: nn.Module, states: Mapping[str, State], task: Task, *,
+                   progress: Callable[[int, int], None] | None = None, **kwargs: Any) -> BarrierMatrix:
+    """`barrier_sweep` for every unordered pair of `states` (name -> state); kwargs go to each sweep;
+    `progress(done, total)` counts the sweeps' stages over all pairs."""
     if len(states) < 2:
         raise ConfigError(f"barrier_matrix needs at least 2 models, got {len(states)}")
     device = path_device(model, kwargs.get("device"))
     states = {n: on_device(s, device) for n, s in states.items()}  # once, not again for every pair
     names = list(states)
+    todo = [(x, y) for i, x in enumerate(names) for y in names[i + 1:]]
     pairs = {}
-    for i, x in enumerate(names):
-        for y in names[i + 1:]:
-            pairs[(x, y)] = barrier_sweep(model, states[x], states[y], task, names=(x, y), **kwargs)
+    for k, (x, y) in enumerate(todo):
+        report = (lambda done, total, k=k: progress(k * total + done, len(todo) * total)) if progress else None
+        pairs[(x, y)] = barrier_sweep(model, states[x], states[y], task, names=(x, y), progress=report, **kwargs)
     return BarrierMatrix(names, pairs)

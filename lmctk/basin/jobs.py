@@ -7,7 +7,7 @@ judges each pair. The CLI parses, calls one of these and prints what it returns.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,12 +95,14 @@ def align_checkpoints(
     perms: str | Path | None = None,
     perms_only: bool = False,
     overwrite: bool = False,
+    progress: Callable[[int, int | None], None] | None = None,
 ) -> AlignReport:
     """Align checkpoint B to checkpoint A; with `out`, write π(B) there as an HF model dir (with its
     permutations file); `perms` also writes the permutations to that file; `perms_only` writes no model.
 
     `stream` reads both checkpoints tensor by tensor (weight matching only), so neither is held whole.
     `device` runs weight matching's similarity matmuls there (the states stay where they are).
+    `progress(sweeps, None)` is called after every matching sweep.
     """
     if method not in MATCHING:
         raise ConfigError(f"--method: unknown {method!r}; choose one of {', '.join(MATCHING)}")
@@ -120,10 +122,10 @@ def align_checkpoints(
         spec = spec_for(model)
     if method == "weight":
         match = weight_matching(spec, state_a, state_b, max_iter=max_iter, seed=seed, lap_backend=lap_backend,
-                                device=resolve_device(device))
+                                device=resolve_device(device), progress=progress)
     else:
         match = activation_matching(model, spec, state_a, state_b, the_task, max_batches=max_batches,
-                                    seed=seed, lap_backend=lap_backend)
+                                    seed=seed, lap_backend=lap_backend, progress=progress)
     aligned = apply(spec, state_b, match) if not stream else PermutedView(spec, state_b, match.perms)
     keys = [k for k in spec.axes if k not in spec.buffers] + spec.unpermuted(state_a.keys())
     report = AlignReport(match, distances(state_a, state_b, keys), distances(state_a, aligned, keys),
@@ -251,11 +253,13 @@ def barrier_checkpoints(
     threshold: float = 0.05,
     definition: str = "mean_endpoint",
     device: str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
     **sweep: Any,
 ) -> BarrierReport:
     """Barrier sweeps between checkpoints (every pair when more than two), judged against `threshold`.
 
-    `sweep` goes to `barrier_sweep` (points, align, renorm, split, batch_size, calib_batches, ...).
+    `sweep` goes to `barrier_sweep` (points, align, renorm, split, batch_size, calib_batches, ...);
+    `progress(done, total)` counts the sweeps' stages (raw sweep, alignment, aligned sweep) over all pairs.
     """
     models = [Path(m) for m in models]
     if len(models) < 2:
@@ -269,7 +273,8 @@ def barrier_checkpoints(
     model: nn.Module = model.to(target)
     names = _names(models)
     if len(models) == 2:
-        result = barrier_sweep(model, states[0], states[1], the_task, names=tuple(names), device=target, **sweep)
+        result = barrier_sweep(model, states[0], states[1], the_task, names=tuple(names), device=target,
+                               progress=progress, **sweep)
         return BarrierReport([result], threshold, definition)
-    matrix = barrier_matrix(model, dict(zip(names, states)), the_task, device=target, **sweep)
+    matrix = barrier_matrix(model, dict(zip(names, states)), the_task, device=target, progress=progress, **sweep)
     return BarrierReport(list(matrix.pairs.values()), threshold, definition, matrix)

@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from lmctk.cli.app import app, console, parse_options, refuse_existing, write_json
+from lmctk.cli.app import QUIET_HELP, app, console, parse_options, refuse_existing, write_json
+from lmctk.render.progress import Progress
 
 
 @app.command()
@@ -29,16 +30,18 @@ def align(
     max_batches: int = typer.Option(8, help="Activation matching: batches of the train split to correlate."),
     stream: bool = typer.Option(False, help="Weight matching from safetensors read tensor by tensor (low memory)."),
     overwrite: bool = typer.Option(False, help="Replace existing --out/--json outputs."),
+    quiet: bool = typer.Option(False, help=QUIET_HELP),
 ) -> None:
     """Align B to A and report how far apart they were before and after."""
     from lmctk.basin.jobs import align_checkpoints
     from lmctk.basin.saved import PERMS_NAME
 
     refuse_existing([out / PERMS_NAME if perms_only and out else out, perms, json_out], overwrite)
-    report = align_checkpoints(a, b, method=method, task=task, task_options=parse_options(task_opt, "--task-opt"),
-                               stream=stream, max_iter=max_iter, seed=seed, lap_backend=lap_backend, device=device,
-                               max_batches=max_batches, out=out, perms=perms, perms_only=perms_only,
-                               overwrite=overwrite)
+    with Progress(f"align: {method} matching sweeps", console=console, quiet=quiet) as bar:
+        report = align_checkpoints(a, b, method=method, task=task, task_options=parse_options(task_opt, "--task-opt"),
+                                   stream=stream, max_iter=max_iter, seed=seed, lap_backend=lap_backend,
+                                   device=device, max_batches=max_batches, out=out, perms=perms,
+                                   perms_only=perms_only, overwrite=overwrite, progress=bar.update)
     console.print(report)
     if json_out is not None:
         write_json(json_out, report.to_dict(), overwrite)

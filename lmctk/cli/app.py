@@ -49,6 +49,7 @@ def _root(
     """main() takes --debug out of argv before dispatch, so it works after the command too."""
 
 
+QUIET_HELP = "No progress (a bar on a terminal, a line every 10 s in a log)."
 SET_HELP = ("Override a recipe key, e.g. --set sweep.replicates=1 or --set sweep.steps=0,10 (TOML values; "
             "commas make a list; repeatable).")
 

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from lmctk.cli.app import app, console, parse_options, refuse_existing, write_json
+from lmctk.cli.app import QUIET_HELP, app, console, parse_options, refuse_existing, write_json
+from lmctk.render.progress import Progress
 
 
 @app.command()
@@ -27,6 +28,7 @@ def barrier(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write α grid, curves and barriers as JSON here."),
     plot: Optional[Path] = typer.Option(None, help="Plot dir: barrier.png (loss and accuracy along α) goes here."),
     overwrite: bool = typer.Option(False, help="Replace existing --json/--plot files."),
+    quiet: bool = typer.Option(False, help=QUIET_HELP),
 ) -> None:
     """Sweep θ(α) = (1−α)θ_A + αθ_B: α table, terminal curve, both barrier definitions and a verdict.
 
@@ -35,10 +37,11 @@ def barrier(
     from lmctk.basin.jobs import barrier_checkpoints
 
     refuse_existing([json_out, plot and plot / "barrier.png"], overwrite)
-    report = barrier_checkpoints(models, task=task, task_options=parse_options(task_opt, "--task-opt"),
-                                 threshold=threshold, definition=definition, device=device, points=points,
-                                 align=align, renorm=renorm, split=split, batch_size=batch_size,
-                                 calib_batches=calib_batches)
+    with Progress("barrier: stages (sweep, align, aligned sweep)", console=console, quiet=quiet) as bar:
+        report = barrier_checkpoints(models, task=task, task_options=parse_options(task_opt, "--task-opt"),
+                                     threshold=threshold, definition=definition, device=device, points=points,
+                                     align=align, renorm=renorm, split=split, batch_size=batch_size,
+                                     calib_batches=calib_batches, progress=bar.update)
     console.print(report)
     if json_out:
         write_json(json_out, report.to_dict(), overwrite)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from lmctk.cli.app import SET_HELP, app, console, parse_list, parse_options, write_json
+from lmctk.cli.app import QUIET_HELP, SET_HELP, app, console, parse_list, parse_options, write_json
 from lmctk.errors import ConfigError, OutputExistsError
 from lmctk.render.progress import Progress
 
@@ -32,7 +32,7 @@ def converge(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
     plot: Optional[Path] = typer.Option(None, help="Plot dir: convergence.png and fingerprint.png go here."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    quiet: bool = typer.Option(False, help="No progress (a bar on a terminal, a line every 10 s in a log)."),
+    quiet: bool = typer.Option(False, help=QUIET_HELP),
     overwrite: bool = typer.Option(False, help="Replace an existing --json file and plots."),
     retrain: bool = typer.Option(False, help="With --recipe: train the seeds afresh instead of reusing finished runs."),
 ) -> None:

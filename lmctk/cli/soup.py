@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from lmctk.cli.app import (
+    QUIET_HELP,
     SET_HELP,
     app,
     console,
@@ -80,7 +81,7 @@ def soup(
     dry_run: bool = typer.Option(False, "--dry-run", help="Check headers and tokenizers, print the plan and estimates; write nothing."),
     resume: bool = typer.Option(False, help="Continue an interrupted write of the same soup from its journal."),
     overwrite: bool = typer.Option(False, help="Replace an existing --out."),
-    quiet: bool = typer.Option(False, help="No progress (a bar on a terminal, a line every 10 s in a log)."),
+    quiet: bool = typer.Option(False, help=QUIET_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
 ) -> None:
     """Average checkpoints (uniform, weighted or greedy) into an HF model dir, streamed tensor by tensor."""
@@ -92,8 +93,17 @@ def soup(
     final = _recipe(checkpoints, recipe, set_, shares, flags, task, parse_options(task_opt, "--task-opt"))
     refuse_existing([json_out], overwrite)
     with Progress("soup", unit="bytes", console=console, quiet=quiet or dry_run) as bar:
-        result = soup_files(final, dry_run=dry_run, resume=resume, overwrite=overwrite,
-                            progress=lambda name, done, total: bar.update(done, total, name))
+
+        def selection(done: int, total: int) -> None:
+            bar.stage("soup: greedy selection (val evaluations)", unit="evaluations")
+            bar.update(done, total)
+
+        def written(name: str, done: int, total: int) -> None:
+            bar.stage("soup", unit="bytes")
+            bar.update(done, total, name)
+
+        result = soup_files(final, dry_run=dry_run, resume=resume, overwrite=overwrite, progress=written,
+                            selection=selection)
     console.print(result)
     if json_out:
         write_json(json_out, result.to_dict(), overwrite)
@@ -111,13 +121,15 @@ def soupable(
     tolerance: float = typer.Option(0.0, help="Greedy soup tolerance on the val score."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the verdict as JSON here."),
     overwrite: bool = typer.Option(False, help="Replace an existing --json file."),
+    quiet: bool = typer.Option(False, help=QUIET_HELP),
 ) -> None:
     """Should these checkpoints be souped? Exit 0 soupable, 3 not soupable, 2 bad input."""
     from lmctk.soup import soupable as judge
 
     refuse_existing([json_out], overwrite)
-    verdict = judge(checkpoints, task, task_options=parse_options(task_opt, "--task-opt"), base=base,
-                    threshold=threshold, points=points, metric=metric, tolerance=tolerance)
+    with Progress("soupable: evaluations", console=console, quiet=quiet) as bar:
+        verdict = judge(checkpoints, task, task_options=parse_options(task_opt, "--task-opt"), base=base,
+                        threshold=threshold, points=points, metric=metric, tolerance=tolerance, progress=bar.update)
     console.print(verdict)
     if json_out:
         write_json(json_out, verdict.to_dict(), overwrite)

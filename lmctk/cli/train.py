@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from lmctk.cli.app import app, console, refuse_existing, write_json
+from lmctk.cli.app import QUIET_HELP, app, console, refuse_existing, write_json
 from lmctk.cli.options import with_config_options
 from lmctk.errors import ConfigError
 from lmctk.render.progress import Progress
@@ -22,7 +22,7 @@ def train(
     log_checkpoints: Optional[int] = typer.Option(None, help="Checkpoint N log-spaced steps plus step 0."),
     overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
     resume: bool = typer.Option(False, help="Continue an interrupted run from its latest checkpoint."),
-    quiet: bool = typer.Option(False, help="No progress (a bar on a terminal, a line every 10 s in a log)."),
+    quiet: bool = typer.Option(False, help=QUIET_HELP),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
 ) -> None:
     """Train a model deterministically into a run directory."""

@@ -11,14 +11,7 @@ from types import TracebackType
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    MofNCompleteColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as Bar
 
 
@@ -36,6 +29,19 @@ def _bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def stages(progress: Callable[[int, int], None] | None, total: int) -> Callable[[], None]:
+    """A function that reports one more of `total` stages done to a job's `progress(done, total)`, if any."""
+    done = 0
+
+    def stage() -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, total)
+
+    return stage
 
 
 class Progress:
@@ -56,12 +62,11 @@ class Progress:
 
     def __enter__(self) -> Progress:
         if not self.quiet and self.console.is_terminal:
-            count = DownloadColumn() if self.unit == "bytes" else MofNCompleteColumn()
-            self._bar = Bar(TextColumn(f"[bold]{escape(self.label)}"), BarColumn(), count, TimeElapsedColumn(),
-                            TimeRemainingColumn(), TextColumn("{task.fields[metric]}"), console=self.console,
-                            transient=True)
+            self._bar = Bar(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),
+                            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[metric]}"),
+                            console=self.console, transient=True)
             self._bar.__enter__()
-            self._job = self._bar.add_task(self.label, total=self.total, metric="")
+            self._job = self._bar.add_task(escape(self.label), total=self.total, metric="", count="")
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
@@ -74,10 +79,24 @@ class Progress:
         self.done, self.total = done, total if total is not None else self.total
         self.metric = metric if metric is not None else self.metric
         if self._bar is not None:
-            self._bar.update(self._job, completed=done, total=self.total, metric=self.metric)
+            self._bar.update(self._job, completed=done, total=self.total, metric=self.metric, count=self.count())
         elif not self.quiet and self.clock() - self._last >= self.every:
             self._last = self.clock()
             self.console.print(self.line(), highlight=False, soft_wrap=True)
+
+    def stage(self, label: str, unit: str = "steps") -> None:
+        """Switch to the job part `label` counted in `unit` (no-op if it is the current one): count and clock restart."""
+        if label == self.label:
+            return
+        self.label, self.unit, self.done, self.total, self.metric = label, unit, 0, None, ""
+        self._start = self._last = self.clock()
+        if self._bar is not None:
+            self._bar.reset(self._job, total=None, description=escape(label), metric="", count="")
+
+    def count(self) -> str:
+        """`120/300` (or `1.5 MiB/3.0 MiB`, or `120` with no total)."""
+        show = _bytes if self.unit == "bytes" else str
+        return f"{show(self.done)}/{show(self.total)}" if self.total else show(self.done)
 
     def log(self, text: str) -> None:
         """A line printed above the bar (or plainly), unless quiet: per-trial results, stages."""
@@ -86,9 +105,8 @@ class Progress:
 
     def line(self) -> str:
         """The plain progress line: `train 120/300 (40%) elapsed 12s ETA 18s test acc 0.91`."""
-        show = _bytes if self.unit == "bytes" else str
         elapsed = self.clock() - self._start
-        parts = [self.label, f"{show(self.done)}/{show(self.total)}" if self.total else show(self.done)]
+        parts = [self.label, self.count()]
         if self.total:
             parts.append(f"({100 * self.done / self.total:.0f}%)")
         parts.append(f"elapsed {duration(elapsed)}")

@@ -15,6 +15,7 @@ import torch
 
 from lmctk.errors import ConfigError
 from lmctk.io import assert_same_shapes
+from lmctk.render.progress import stages
 
 State = Mapping[str, torch.Tensor]
 StateSource = State | Callable[[], State]  # a state, or a loader called when the state is needed
@@ -148,18 +149,21 @@ def greedy_soup(
     tolerance: float = 0.0,
     metric: str = "score",
     keep_state: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> GreedyResult:
     """Wortsman et al.'s greedy soup: `score(state)` is a held-out score (higher is better, never test).
 
     A candidate is kept if the running average's score with it exceeds the current score minus
     `tolerance` (0: must strictly improve). `scores` are the ingredients' own scores if known.
+    `progress(done, total)` is called after every evaluation of `score`.
     """
     if not states:
         raise ConfigError("greedy soup: needs at least one ingredient")
     if tolerance < 0:
         raise ConfigError(f"tolerance: {tolerance} is negative; use 0 (strict improvement) or more")
     names = list(names) if names is not None else [f"ingredient {i + 1}" for i in range(len(states))]
-    alone = list(scores) if scores is not None else [score(_load(s)) for s in states]
+    stage = stages(progress, len(states) - 1 + (len(states) if scores is None else 0))
+    alone = list(scores) if scores is not None else [_scored(score, _load(s), stage) for s in states]
     order = sorted(range(len(states)), key=lambda i: -alone[i])  # stable: ties keep input order
     soup = RunningSum()
     soup.add(_load(states[order[0]]))
@@ -167,7 +171,7 @@ def greedy_soup(
     trace = [GreedyStep(order[0], names[order[0]], alone[order[0]], current, True)]
     for i in order[1:]:
         candidate = _load(states[i])
-        trial = score(soup.trial(candidate))
+        trial = _scored(score, soup.trial(candidate), stage)
         kept = trial > current - tolerance
         if kept:
             soup.add(candidate)
@@ -176,6 +180,12 @@ def greedy_soup(
         del candidate
     kept_indices = [step.index for step in trace if step.kept]
     return GreedyResult(kept_indices, trace, current, metric, tolerance, soup.mean() if keep_state else None)
+
+
+def _scored(score: Callable[[State], float], state: State, stage: Callable[[], None]) -> float:
+    value = score(state)
+    stage()
+    return value
 
 
 def _load(source: StateSource) -> State:

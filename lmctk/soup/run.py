@@ -92,8 +92,13 @@ def soup_files(
     resume: bool = False,
     overwrite: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
+    selection: Callable[[int, int], None] | None = None,
 ) -> SoupResult:
-    """Run a soup recipe: plan from headers; unless `dry_run`, select (greedy) and write the HF dir."""
+    """Run a soup recipe: plan from headers; unless `dry_run`, select (greedy) and write the HF dir.
+
+    `progress(tensor, bytes_done, bytes_total)` follows the write; `selection(done, total)` the greedy
+    soup's val evaluations.
+    """
     spec = recipe.soup
     paths = [Path(i.path) for i in spec.ingredients]
     plan = plan_soup(paths, method=spec.method, weights=recipe.weights, dtype=spec.dtype,
@@ -118,11 +123,13 @@ def soup_files(
         return SoupResult(plan, out, list(range(len(paths))), dry_run=True)
     assert out is not None
     with locked(out):
-        return _cook(recipe, plan, paths, out, resume=resume, overwrite=overwrite, progress=progress)
+        return _cook(recipe, plan, paths, out, resume=resume, overwrite=overwrite, progress=progress,
+                     selection=selection)
 
 
 def _cook(recipe: SoupRecipe, plan: SoupPlan, paths: list[Path], out: Path, *, resume: bool, overwrite: bool,
-          progress: Callable[[str, int, int], None] | None) -> SoupResult:
+          progress: Callable[[str, int, int], None] | None,
+          selection: Callable[[int, int], None] | None) -> SoupResult:
     """Select (greedy) and write the soup; scores go into the model card before the dir is committed."""
     spec = recipe.soup
     align = _aligner(spec.align_to) if spec.align_to else None
@@ -132,7 +139,7 @@ def _cook(recipe: SoupRecipe, plan: SoupPlan, paths: list[Path], out: Path, *, r
         assert scorer is not None
         loaders = [_loader(p, align) for p in paths]
         greedy = greedy_soup(loaders, scorer.score, names=[str(p) for p in paths], tolerance=spec.tolerance,
-                             metric=f"val {scorer.metric}", keep_state=False)
+                             metric=f"val {scorer.metric}", keep_state=False, progress=selection)
         kept = greedy.kept
     else:
         kept = [i for i, _ in plan.mix()]

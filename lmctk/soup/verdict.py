@@ -15,7 +15,7 @@ scorer's model and one working copy of it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from lmctk.basin.path import alpha_grid, evaluate_path
 from lmctk.errors import ConfigError
 from lmctk.io import StateView, check_compatible, inspect_checkpoint, stored_names
 from lmctk.loading import read_state, resolve_task
+from lmctk.render.progress import stages
 from lmctk.soup.core import GreedyResult, RunningSum, greedy_soup
 from lmctk.soup.evaluate import Scorer
 
@@ -113,8 +114,12 @@ def soupable(
     points: int | None = None,
     metric: str = "loss",
     tolerance: float = 0.0,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Verdict:
-    """Judge whether the checkpoints at `paths` should be souped on `task` (default: the runs' task)."""
+    """Judge whether the checkpoints at `paths` should be souped on `task` (default: the runs' task).
+
+    `progress(done, total)` counts evaluations: each ingredient, each pair, the greedy trials, the two soups.
+    """
     if len(paths) < 2:
         raise ConfigError(f"checkpoints: soupable needs at least 2, got {len(paths)}")
     if threshold < 0:
@@ -126,23 +131,25 @@ def soupable(
     names = [str(p) for p in paths]
     check_compatible([inspect_checkpoint(p) for p in [*paths, *([base] if base is not None else [])]])
     n = len(paths)
+    stage = stages(progress, n + n * (n - 1) // 2 + (n - 1) + 2)
 
     def load(path: str | Path) -> StateView:
         return read_state(path, scorer.model, keys=scorer.keys, dtype=torch.float32)
 
     base_state = load(base) if base is not None else None
-    gram, own, base_dots, barriers = _scan(paths, load, scorer, points, base_state)
+    gram, own, base_dots, barriers = _scan(paths, load, scorer, points, base_state, stage)
     weight_cos = gram.cosines(matrices_only=True)
     shared, task_cos, notes = _shared_init(gram, base_state, base_dots, weight_cos)
     del base_state
     greedy = greedy_soup([lambda p=p: load(p) for p in paths], scorer.score, names=names,
                          scores=[scorer.value(m["val"]) for m in own], tolerance=tolerance,
-                         metric=f"val {scorer.metric}", keep_state=False)
+                         metric=f"val {scorer.metric}", keep_state=False, progress=lambda done, total: stage())
     models = {f"{i + 1}": own[i] for i in range(n)}
     for label, kept in (("uniform soup", range(n)), ("greedy soup", greedy.kept)):
         soup = _mean(load(paths[i]) for i in kept)  # one ingredient at a time into the running sum
         models[label] = {s: scorer.metrics(soup, s) for s in ("val", "test")}
         del soup
+        stage()
     best = max(range(n), key=lambda i: (scorer.value(own[i]["val"]), -i))
     soup_ok, explanation = _explain(scorer, barriers, threshold, greedy, models, best, n)
     if soup_ok and not shared:
@@ -155,7 +162,8 @@ def soupable(
                    models, greedy, notes)
 
 
-def _scan(paths: Sequence[str | Path], load, scorer: Scorer, points: int | None, base_state: State | None):
+def _scan(paths: Sequence[str | Path], load, scorer: Scorer, points: int | None, base_state: State | None,
+          stage: Callable[[], None]):
     """One state at a time: own scores and the dot products with the base; then two at a time: the
     pairs' barriers and dot products. Never more than two ingredients in memory."""
     n = len(paths)
@@ -167,6 +175,7 @@ def _scan(paths: Sequence[str | Path], load, scorer: Scorer, points: int | None,
         if base_state is not None:
             base_dots.append(_dots(state, base_state, gram.keys(state)))
         del state
+        stage()
     for i in range(n - 1):
         a = load(paths[i])
         for j in range(i + 1, n):
@@ -174,6 +183,7 @@ def _scan(paths: Sequence[str | Path], load, scorer: Scorer, points: int | None,
             barriers[f"{i + 1}-{j + 1}"] = _barrier(scorer, a, b, own[i]["val"]["loss"], own[j]["val"]["loss"], points)
             gram.add(i, j, a, b)
             del b
+            stage()
         del a
     return gram, own, base_dots, barriers
 
