@@ -28,6 +28,8 @@ def align(
     device: str = typer.Option("cpu", help="Weight matching: device of the similarity matmuls (cpu, cuda, cuda:N, auto)."),
     max_batches: int = typer.Option(8, help="Activation matching: batches of the train split to correlate."),
     stream: bool = typer.Option(False, help="Weight matching from safetensors read tensor by tensor (low memory)."),
+    memory: Optional[str] = typer.Option(None, help="Weight matching: memory budget of its working set, e.g. 8GB "
+                                         "(default: half the memory available); prints the planned peak."),
     overwrite: bool = typer.Option(False, help="Replace existing --out/--json outputs."),
 ) -> None:
     """Align B to A and report how far apart they were before and after."""
@@ -38,7 +40,7 @@ def align(
     report = align_checkpoints(a, b, method=method, task=task, task_options=parse_options(task_opt, "--task-opt"),
                                stream=stream, max_iter=max_iter, seed=seed, lap_backend=lap_backend, device=device,
                                max_batches=max_batches, out=out, perms=perms, perms_only=perms_only,
-                               overwrite=overwrite)
+                               overwrite=overwrite, memory=memory)
     console.print(report)
     if json_out is not None:
         write_json(json_out, report.to_dict(), overwrite)
