@@ -175,7 +175,7 @@ def test_a_tight_memory_budget_splits_rounds_but_finds_the_same_permutations(tmp
     a, b = LazyState(tmp_path / "a.safetensors"), LazyState(tmp_path / "b.safetensors")
     free = weight_matching(spec, a, b, max_iter=3)
     floor = plan_memory(spec, a.shapes, {k: d.itemsize for k, d in a.dtypes.items()}, "1TB")
-    least = max(floor.read, floor.lap) + max(floor.matrices.values())
+    least = max(floor.fixed[floor.sizes[g]] + m for g, m in floor.matrices.items())
     tight = weight_matching(spec, a, b, max_iter=3, memory=least)
     assert tight.memory["peak"] <= least == tight.memory["budget"]
     assert len(tight.lap_backends) > len(free.lap_backends)

@@ -52,25 +52,27 @@ def thread_count(spec: PermutationSpec, shapes: Mapping[str, tuple[int, ...]], u
     return 1 if small else torch.get_num_threads()
 
 
-# Copies of the largest tensor a term reads that are alive at once: A, B, π(B) while it is gathered and a
-# gathered slice; plus the two fp32 chunks.
-READ_COPIES = 4
+# Copies of a tensor alive while a term or distance reads it: A, B and π(B); plus the fp32 chunks. (A group
+# taking part of a fused tensor, e.g. GPT-2's c_attn, gathers one more copy, which is not planned for.)
+READ_COPIES = 3
 
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Bytes weight matching will hold: `read` (one term's tensors), `lap` (one LAP chunk in float64)
-    and, per group, its similarity matrices; `peak` is the most any sub-batch holds at once."""
+    """Bytes weight matching will hold: `read` (the largest tensor's term or distance, no similarity held),
+    per group size `fixed` (the LAP's float64 chunk or the group's largest term, whichever is more)
+    and per group its similarity matrices; `peak` is the most held at once."""
 
     budget: int
     read: int
-    lap: int
+    fixed: dict[int, int]
     matrices: dict[str, int]
+    sizes: dict[str, int]
     peak: int
 
     def batches(self, groups: list[str]) -> list[list[str]]:
         """`groups` (independent, of one size) split in order into sub-batches whose matrices fit the budget."""
-        room = self.budget - max(self.read, self.lap)
+        room = self.budget - self.fixed[self.sizes[groups[0]]]
         out: list[list[str]] = []
         held = 0
         for g in groups:
@@ -83,12 +85,8 @@ class MemoryPlan:
         return out
 
     def to_dict(self) -> dict[str, int]:
-        return {"budget": self.budget, "peak": self.peak, "read": self.read, "lap": self.lap,
+        return {"budget": self.budget, "peak": self.peak, "read": self.read,
                 "largest_matrices": max(self.matrices.values(), default=0)}
-
-    def __str__(self) -> str:
-        return (f"memory plan: peak {format_bytes(self.peak)} of a {format_bytes(self.budget)} budget "
-                f"(tensors read {format_bytes(self.read)}, LAP {format_bytes(self.lap)})")
 
 
 def default_budget() -> int:
@@ -107,25 +105,29 @@ def plan_memory(spec: PermutationSpec, shapes: Mapping[str, tuple[int, ...]], it
     None: `default_budget()`); raises ConfigError naming the least budget when one group cannot fit."""
     limit = default_budget() if budget is None else parse_size(budget, "--memory")
     users = spec.users()
-    sizes = [(math.prod(shapes[k]), itemsizes[k]) for k in spec.axes if k in shapes]
-    read = max((READ_COPIES * n * size + 2 * 4 * min(n, CHUNK) for n, size in sizes), default=0)
-    matrices = {g: 4 * n * n * (spec.groups[spec.blocks[g]] if g in spec.blocks else 1)
-                for g, n in spec.groups.items() if users[g] and g not in set(spec.blocks.values())}
-    entries: dict[int, int] = {}  # group size -> entries of all its groups' matrices
-    for g, m in matrices.items():
-        entries[spec.groups[g]] = entries.get(spec.groups[g], 0) + m // 4
-    lap = max((8 * max(n * n, min(LAP_CHUNK_ENTRIES, e)) for n, e in entries.items()), default=0)
-    floor = max(read, lap) + max(matrices.values(), default=0)
+    def reading(keys) -> int:
+        return max((READ_COPIES * math.prod(shapes[k]) * itemsizes[k] + 2 * 4 * min(math.prod(shapes[k]), CHUNK)
+                    for k in keys if k in shapes), default=0)
+
+    heads = set(spec.blocks.values())
+    sizes = {g: n for g, n in spec.groups.items() if users[g] and g not in heads}
+    matrices = {g: 4 * n * n * (spec.groups[spec.blocks[g]] if g in spec.blocks else 1) for g, n in sizes.items()}
+    fixed: dict[int, int] = {}
+    for n in set(sizes.values()):
+        same = [g for g in sizes if sizes[g] == n]
+        entries = sum(matrices[g] for g in same) // 4
+        fixed[n] = max(8 * max(n * n, min(LAP_CHUNK_ENTRIES, entries)), reading(k for g in same for k, _ in users[g]))
+    read = reading(spec.axes)
+    floor = max([read] + [fixed[sizes[g]] + matrices[g] for g in sizes])
     if floor > limit:
         raise ConfigError(f"--memory: {format_bytes(limit)} is below the {format_bytes(floor)} this model needs "
                           f"(its largest tensor and similarity matrix); give --memory {math.ceil(floor / 1e9)}GB or more")
-    peak = 0
-    for n in {spec.groups[g] for g in matrices}:
-        same = sorted((g for g in matrices if spec.groups[g] == n), key=matrices.get, reverse=True)
-        fullest = max(sum(matrices[g] for g in batch) for batch in
-                      MemoryPlan(limit, read, lap, matrices, 0).batches(same))
-        peak = max(peak, max(read, lap) + fullest)
-    return MemoryPlan(limit, read, lap, matrices, peak)
+    plan = MemoryPlan(limit, read, fixed, matrices, sizes, 0)
+    peak = read
+    for n in set(sizes.values()):
+        same = sorted((g for g in sizes if sizes[g] == n), key=matrices.get, reverse=True)
+        peak = max(peak, fixed[n] + max(sum(matrices[g] for g in batch) for batch in plan.batches(same)))
+    return MemoryPlan(limit, read, fixed, matrices, sizes, peak)
 
 
 def accumulate(S: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -8,6 +8,7 @@ layer per model at a time.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -82,14 +83,17 @@ class LazyState(Mapping[str, torch.Tensor]):
         self.device = torch.device(device)
         self._reader = TensorReader(self.path)
         self._checked: set[str] = set()
+        self.read_seconds = 0.0  # spent reading and checking, for benchmarks
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self.shapes:
             raise KeyError(key)
+        start = time.perf_counter()
         tensor = self._reader.get(key)
         if key not in self._checked:
             require_finite(self._reader.where(key), key, tensor)
             self._checked.add(key)
+        self.read_seconds += time.perf_counter() - start
         return tensor.to(self.device)
 
     def __iter__(self) -> Iterator[str]:
