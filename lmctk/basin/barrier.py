@@ -29,7 +29,7 @@ from lmctk.basin.path import (
     path_device,
 )
 from lmctk.errors import ConfigError
-from lmctk.io import assert_same_keys, assert_same_shapes
+from lmctk.io import assert_same_keys, assert_same_shapes, state_shapes
 from lmctk.metrics import distances
 from lmctk.spec import spec_for
 from lmctk.tasks.base import Task
@@ -225,6 +225,9 @@ def barrier_sweep(
     device = path_device(model, device)
     assert_same_keys(a, b, names[0], names[1])
     assert_same_shapes(a, b, names[0], names[1])
+    if align is not None:  # the alignment's inputs are checked before the raw sweep, not after it
+        spec = spec or spec_for(model)
+        spec.validate(state_shapes(a))
     a, b = on_device(a, device), on_device(b, device)
     alphas = alpha_grid(points)
     calib = {"batches": calib_batches, "batch_size": calib_batch_size, "seed": calib_seed}
