@@ -8,7 +8,7 @@ KL convergence after Fehlauer et al.).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
@@ -16,40 +16,63 @@ from lmctk.errors import ConfigError
 
 __all__ = [
     "angular_cka",
-    "distances",
     "clustered_mean",
+    "distances",
+    "dot",
     "ensemble_diversity",
     "expected_kl",
     "fingerprint_cosine",
+    "fp32_chunks",
     "frequency_buckets",
     "gram_cosine",
+    "kl_terms",
     "linear_cka",
     "loss_spread",
     "mean_over_pairs",
     "pair_matrix",
     "pairwise_kl",
-    "kl_terms",
     "stratified_means",
     "surprisal_bins",
 ]
 
 
+# Elements upcast to fp32 at a time: fixed (not derived from a memory budget), so sums never depend on one.
+CHUNK = 1 << 22
+
+
+def fp32_chunks(x: torch.Tensor, y: torch.Tensor, dim: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Matching slices of same-shaped `x` and `y` along `dim`, about CHUNK elements each, as fp32:
+    only the slice in use is upcast (a tensor already fp32 is sliced, not copied)."""
+    size = x.shape[dim] if x.dim() else 1
+    x, y = (x.reshape(1), y.reshape(1)) if not x.dim() else (x, y)
+    step = max(1, CHUNK * size // max(1, x.numel()))
+    for start in range(0, size, step):
+        length = min(step, size - start)
+        yield x.narrow(dim, start, length).float(), y.narrow(dim, start, length).to(x.device, torch.float32)
+
+
+def dot(x: torch.Tensor, y: torch.Tensor) -> float:
+    """<x, y> summed chunk by chunk: fp32 products, float64 accumulation."""
+    return sum((float((cx * cy).sum(dtype=torch.float64)) for cx, cy in fp32_chunks(x.reshape(-1), y.reshape(-1))), 0.0)
+
+
 def distances(
     a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], keys: Sequence[str] | None = None
 ) -> dict[str, float]:
-    """‖θ_A − θ_B‖₂ and the cosine of θ_A and θ_B over `keys` (default: all), floating tensors only,
-    in float64. Each tensor is read once, so lazy or permuted-on-access mappings stream through."""
-    diff = dot = na = nb = 0.0
+    """‖θ_A − θ_B‖₂ and the cosine of θ_A and θ_B over `keys` (default: all), floating tensors only.
+    Each tensor is read once and upcast chunk by chunk (fp32, float64 sums), so lazy or
+    permuted-on-access mappings stream through in about two tensors' memory."""
+    diff = dot_ = na = nb = 0.0
     for k in keys if keys is not None else list(a.keys()):
         x = a[k]
         if not x.is_floating_point():
             continue
-        x, y = x.double(), b[k].double().to(x.device)
-        diff += float((x - y).square().sum())
-        dot += float((x * y).sum())
-        na += float(x.square().sum())
-        nb += float(y.square().sum())
-    return {"l2": diff ** 0.5, "cosine": dot / max((na * nb) ** 0.5, 1e-300)}
+        for cx, cy in fp32_chunks(x.reshape(-1), b[k].reshape(-1)):
+            diff += float((cx - cy).square().sum(dtype=torch.float64))
+            dot_ += float((cx * cy).sum(dtype=torch.float64))
+            na += float(cx.square().sum(dtype=torch.float64))
+            nb += float(cy.square().sum(dtype=torch.float64))
+    return {"l2": diff ** 0.5, "cosine": dot_ / max((na * nb) ** 0.5, 1e-300)}
 
 
 def _as_matrix(x: torch.Tensor, name: str) -> torch.Tensor:

@@ -12,7 +12,8 @@ from lmctk.basin.align import (
     independent_rounds,
     weight_matching,
 )
-from lmctk.errors import KeyMismatchError
+from lmctk.basin.budget import plan_memory
+from lmctk.errors import ConfigError, KeyMismatchError
 from lmctk.io import LazyState, save_state
 from lmctk.models import build_model
 from lmctk.spec import invert, permute_state, random_perms, spec_for
@@ -162,6 +163,39 @@ def test_streaming_from_safetensors_equals_in_memory(tmp_path):
     lazy = weight_matching(spec, LazyState(tmp_path / "a.safetensors"), LazyState(tmp_path / "b.safetensors"))
     eager = weight_matching(spec, a, b)
     assert all(torch.equal(lazy.perms[g], eager.perms[g]) for g in spec.groups)
+
+
+def test_a_tight_memory_budget_splits_rounds_but_finds_the_same_permutations(tmp_path):
+    """Two trained-like bf16 models streamed: a budget that fits one MLP similarity at a time splits
+    every round into more LAP calls, and the permutations match the unlimited run's exactly."""
+    torch.manual_seed(0)
+    make = lambda: build_model("qwen2", TEXT, layers=3, hidden=32, heads=4, kv_heads=2).to(torch.bfloat16)
+    model = make()
+    spec = spec_for(model)
+    save_state(model.state_dict(), tmp_path / "a.safetensors")
+    save_state(make().state_dict(), tmp_path / "b.safetensors")
+    a, b = LazyState(tmp_path / "a.safetensors"), LazyState(tmp_path / "b.safetensors")
+    free = weight_matching(spec, a, b, max_iter=3)
+    floor = plan_memory(spec, a.shapes, {k: d.itemsize for k, d in a.dtypes.items()}, "1TB")
+    least = max(floor.fixed[floor.sizes[g]] + m for g, m in floor.matrices.items())
+    tight = weight_matching(spec, a, b, max_iter=3, memory=least)
+    assert tight.memory["peak"] <= least == tight.memory["budget"]
+    assert len(tight.lap_backends) > len(free.lap_backends)
+    assert all(torch.equal(tight.perms[g], free.perms[g]) for g in spec.groups)
+    assert tight.objective == free.objective
+    with pytest.raises(ConfigError, match="--memory: .* give --memory"):
+        weight_matching(spec, a, b, memory=least - 1)
+
+
+def test_lazy_state_keeps_files_open_and_checks_each_tensor_once(tmp_path, monkeypatch):
+    save_state({"w": torch.randn(3, 4, dtype=torch.bfloat16), "b": torch.ones(2)}, tmp_path / "s.safetensors")
+    state = LazyState(tmp_path / "s.safetensors")
+    checks = []
+    monkeypatch.setattr("lmctk.io.lazy.require_finite", lambda file, key, tensor: checks.append(key))
+    first, again = state["w"], state["w"]
+    assert first.dtype == torch.bfloat16 and torch.equal(first, again) and first.data_ptr() != again.data_ptr()
+    assert checks == ["w"] and len(state._reader._open) == 1
+    assert torch.equal(state["b"], torch.ones(2))
 
 
 def test_mismatched_states_are_refused():

@@ -353,3 +353,20 @@ def test_repair_refuses_hugging_face_transformers(text):
     model, a, b = _pair("gpt2", text, layers=1, hidden=32, heads=2)
     with pytest.raises(ConfigError, match="not Hugging Face"):
         Repair(model, a, b, calibration_batches(text, 1, 4, 0, "cpu"), text)
+
+
+def test_barrier_align_checks_the_spec_before_the_raw_sweep(monkeypatch):
+    """A spec that does not fit the states fails before any evaluation (not after the whole raw sweep)."""
+    from lmctk.basin import barrier as module
+    from lmctk.errors import LmctkError
+    from lmctk.models import build_model
+    from lmctk.spec import spec_for
+    from lmctk.tasks import get_task
+
+    task = get_task("digits")
+    model = build_model("mlp", task, widths=[8])
+    other = spec_for(build_model("mlp", task, widths=[6]))
+    state = model.state_dict()
+    monkeypatch.setattr(module, "evaluate_path", lambda *a, **k: (_ for _ in ()).throw(AssertionError("swept")))
+    with pytest.raises(LmctkError):
+        module.barrier_sweep(model, state, dict(state), task, align="weight", spec=other)

@@ -16,15 +16,22 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from lmctk.basin import lap
+from lmctk.basin.budget import (
+    MemoryPlan,
+    accumulate,
+    plan_memory,
+    thread_count,
+    threads,
+)
 from lmctk.basin.match import MatchResult
 from lmctk.errors import ConfigError
 from lmctk.io import assert_same_shapes, state_device, state_shapes
+from lmctk.metrics import dot
 from lmctk.spec.core import (
     Perms,
     PermutationSpec,
@@ -40,38 +47,43 @@ from lmctk.spec.core import (
 State = Mapping[str, torch.Tensor]
 
 
+def _gathered(tensor: torch.Tensor, axis: int, index: torch.Tensor | None) -> torch.Tensor:
+    """`tensor` gathered along `axis` by `index` (None: as it is) as a [before, axis, after] view."""
+    if index is not None:
+        tensor = tensor.index_select(axis, index.to(tensor.device))
+    return tensor.reshape(math.prod(tensor.shape[:axis]), tensor.shape[axis], math.prod(tensor.shape[axis + 1:]))
+
+
 def _rows(tensor: torch.Tensor, axis: int, index: torch.Tensor | None, rows: int) -> torch.Tensor:
     """`tensor` gathered along `axis` by `index` (None: as it is), that axis first, as `rows` rows."""
-    if index is not None:  # gather along the original (contiguous) axis, then bring it to the front
-        tensor = tensor.index_select(axis, index.to(tensor.device))
-    return tensor.movedim(axis, 0).reshape(rows, -1)
+    return _gathered(tensor, axis, index).movedim(1, 0).reshape(rows, -1)
 
 
 def _slices(spec: PermutationSpec, tensor: torch.Tensor, axes, axis: int, group: str, cache: dict) -> torch.Tensor:
-    """The tensor with `group`'s elements as rows: [n_group, everything else] ([n_block * n_group, …] per block)."""
+    """`group`'s elements of the tensor as a [before, n_group, after] view ([…, n_block * n_group, …] per block)."""
     key = (axes[axis], group)
     if key not in cache:
         flat = group_slices(axes[axis], spec.groups, group, spec.blocks).reshape(-1)
         cache[key] = None if is_identity(flat) else flat
-    rows = spec.groups[group] * (spec.groups[spec.blocks[group]] if group in spec.blocks else 1)
-    return _rows(tensor, axis, cache[key], rows)
+    return _gathered(tensor, axis, cache[key])
 
 
 def similarity(
     spec: PermutationSpec, a: State, b: State, perms: Perms, group: str,
-    users: list[tuple[str, int]] | None = None, static: dict | None = None,
+    users: list[tuple[str, int]] | None = None, static: dict | None = None, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """S[i, j] = Σ <A slice i, π_{-g}(B) slice j> over the tensors `group` acts on (fp32).
 
     A per-block group gets one matrix per block: S[e, i, j]. `users` is `spec.users()[group]`,
     passed by callers that compute the inverse map once. `static` keeps, across calls, the terms of
     tensors no other group acts on (an embedding's vocab rows) when they cost more to compute than to store.
+    Tensors stay in their dtype; products are summed in fp32 chunks. `out` ([blocks, n, n]) is filled in place.
     """
     users = spec.users()[group] if users is None else users
     others = {g: p for g, p in perms.items() if g != group}
     n = spec.groups[group]
     blocks = spec.groups[spec.blocks[group]] if group in spec.blocks else 1
-    S = torch.zeros(blocks, n, n, dtype=torch.float32, device=_device(a))
+    S = torch.zeros(blocks, n, n, dtype=torch.float32, device=_device(a)) if out is None else out.zero_()
     slices: dict = {}
     indices: dict = {}
     for key, axis in users:
@@ -79,13 +91,14 @@ def similarity(
             S += static[group, key]
             continue
         axes = spec.axes[key]
-        ta = _slices(spec, a[key].to(torch.float32), axes, axis, group, slices)
-        tb = permute_tensor(b[key].to(torch.float32), axes, spec.groups, others, indices, spec.blocks)
-        tb = _slices(spec, tb, axes, axis, group, slices)
-        term = ta.reshape(blocks, n, -1) @ tb.reshape(blocks, n, -1).transpose(1, 2)
-        S += term
         alone = {g for layout in axes if layout is not None for g in groups_in(layout)} == {group}
-        if static is not None and alone and ta.shape[1] >= n:
+        ta = _slices(spec, a[key], axes, axis, group, slices)
+        keep = static is not None and alone and ta.shape[0] * ta.shape[2] >= n
+        tb = permute_tensor(b[key], axes, spec.groups, others, indices, spec.blocks)
+        term = torch.zeros_like(S) if keep else S
+        accumulate(term, ta, _slices(spec, tb, axes, axis, group, slices))
+        if keep:
+            S += term
             static[group, key] = term
     return S if group in spec.blocks else S[0]
 
@@ -96,8 +109,7 @@ def _terms(spec: PermutationSpec, a: State, b: State, perms: Perms, keys) -> dic
     out = {}
     for key, axes in spec.axes.items():
         if key in keys and key not in spec.buffers:
-            tb = permute_tensor(b[key].to(torch.float32), axes, spec.groups, perms, indices, spec.blocks)
-            out[key] = float((a[key].to(torch.float32) * tb).sum())
+            out[key] = dot(a[key], permute_tensor(b[key], axes, spec.groups, perms, indices, spec.blocks))
     return out
 
 
@@ -192,27 +204,23 @@ def head_step(
     return proposal, [*backends, info.backend]
 
 
-def solve_round(spec: PermutationSpec, S: dict[str, torch.Tensor], perms: Perms, lap_backend: str,
-                tol: float) -> tuple[list[str], list[str]]:
-    """One batched LAP per group size over the similarities `S` of independent groups; a group's
-    permutation is replaced only when its assignment strictly improves. Returns the backends used
-    and the groups whose permutation changed."""
-    by_size: dict[int, list[str]] = {}
-    for g in S:
-        by_size.setdefault(spec.groups[g], []).append(g)
-    backends, changed = [], []
-    for gs in by_size.values():
-        n = spec.groups[gs[0]]
-        stacked = torch.cat([S[g].reshape(-1, n, n) for g in gs])
-        new, info = lap.solve(stacked, maximize=True, backend=lap_backend, return_info=True)
-        backends.append(info.backend)
-        for g, p_new in zip(gs, new.split([S[g].reshape(-1, n, n).shape[0] for g in gs])):
-            p_new = p_new.reshape(perms[g].shape)
-            old_score = float(lap.objective(S[g], perms[g]).sum())
-            if float(lap.objective(S[g], p_new).sum()) > old_score + tol * max(1.0, abs(old_score)):
-                changed += [g] if not torch.equal(p_new.cpu(), perms[g].cpu()) else []
-                perms[g] = p_new.to(perms[g].device)
-    return backends, changed
+def solve_round(spec: PermutationSpec, S: torch.Tensor, groups: list[str], perms: Perms, lap_backend: str,
+                tol: float) -> tuple[str, list[str]]:
+    """One batched LAP over `S` ([Σ blocks, n, n]: the similarities of independent groups of one size, in
+    the order of `groups`); a group's permutation is replaced only when its assignment strictly improves.
+    Returns the backend used and the groups whose permutation changed."""
+    n = S.shape[-1]
+    new, info = lap.solve(S, maximize=True, backend=lap_backend, return_info=True)
+    changed, start = [], 0
+    for g in groups:
+        old = perms[g].reshape(-1, n)
+        part, p_new = S[start:start + old.shape[0]], new[start:start + old.shape[0]]
+        start += old.shape[0]
+        old_score = float(lap.objective(part, old).sum())
+        if float(lap.objective(part, p_new).sum()) > old_score + tol * max(1.0, abs(old_score)):
+            changed += [g] if not torch.equal(p_new.cpu(), old.cpu()) else []
+            perms[g] = p_new.reshape(perms[g].shape).to(perms[g].device)
+    return info.backend, changed
 
 
 @dataclass
@@ -229,14 +237,14 @@ class _Staleness:
         return last is None or any(self.changed.get(n, -1) > last for n in self.neighbours[g])
 
 
-class _Fp32(Mapping):
-    """A state's tensors as fp32 on `device`, converted on access (no copy when already there)."""
+class _On(Mapping):
+    """A state's tensors on `device` in their own dtype, moved on access (no copy when already there)."""
 
     def __init__(self, state: State, device: torch.device) -> None:
         self.state, self.device = state, device
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        return self.state[key].to(self.device, torch.float32)
+        return self.state[key].to(self.device)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.state)
@@ -246,35 +254,8 @@ class _Fp32(Mapping):
 
 
 def _device(state: State) -> torch.device:
-    """Where a state's tensors are (or, for an `_Fp32` view, are moved to), without reading one."""
-    return state.device if isinstance(state, _Fp32) else state_device(state)
-
-
-@contextmanager
-def _threads(count: int) -> Iterator[None]:
-    """torch's intra-op threads set to `count` inside the block."""
-    before = torch.get_num_threads()
-    if count != before:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        if count != before:
-            torch.set_num_threads(before)
-
-
-# Below this many multiply-adds in a group's similarity, waking a second thread costs more than it saves
-# (on a busy 2-core machine a small matching ran 15x slower on 2 threads than on 1).
-_ONE_THREAD_MACS = 1 << 24
-
-
-def _thread_count(spec: PermutationSpec, shapes: Mapping[str, tuple[int, ...]], users, device: torch.device) -> int:
-    """One thread when every group's similarity is tiny (CPU only), else torch's current count."""
-    def macs(g: str) -> int:
-        return sum(math.prod(shapes[key]) for key, _ in users[g]) * spec.groups[g]
-
-    small = device.type == "cpu" and all(macs(g) < _ONE_THREAD_MACS for g in spec.groups)
-    return 1 if small else torch.get_num_threads()
+    """Where a state's tensors are (or, for an `_On` view, are moved to), without reading one."""
+    return state.device if isinstance(state, _On) else state_device(state)
 
 
 @dataclass
@@ -288,6 +269,7 @@ class _Sweeper:
     tol: float
     lap_backend: str
     skip: bool
+    plan: MemoryPlan | None
     users: dict[str, list[tuple[str, int]]] = field(init=False)
     block_keys: dict[str, set[str]] = field(init=False)
     track: _Staleness = field(init=False)
@@ -324,17 +306,32 @@ class _Sweeper:
             self.round += 1
             todo = [g for g in round_ if self.track.stale(g) or not self.skip]
             changed = [h for g in todo if g in self.block_keys for h in self.heads(perms, g)]
-            t0 = time.perf_counter()
-            S = {g: similarity(self.spec, self.a, self.b, perms, g, self.users[g], self.static)
-                 for g in todo if g not in self.block_keys}
-            self.similarity_seconds += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            used, moved = solve_round(self.spec, S, perms, self.lap_backend, self.tol)
-            self.lap_seconds += time.perf_counter() - t0
-            self.backends += used
+            by_size: dict[int, list[str]] = {}
+            for g in todo:
+                if g not in self.block_keys:
+                    by_size.setdefault(self.spec.groups[g], []).append(g)
+            for same in by_size.values():
+                for batch in self.plan.batches(same) if self.plan is not None else [same]:
+                    changed += self.solve(perms, batch)
             self.track.solved.update({g: self.round for g in todo})
-            self.track.changed.update({g: self.round for g in changed + moved})
-            self.value.changed(changed + moved)
+            self.track.changed.update({g: self.round for g in changed})
+            self.value.changed(changed)
+
+    def solve(self, perms: Perms, batch: list[str]) -> list[str]:
+        """Similarities of `batch` (independent groups of one size) into one buffer, then one LAP call
+        on it; returns the groups whose permutation changed."""
+        t0 = time.perf_counter()
+        counts = [self.spec.groups[self.spec.blocks[g]] if g in self.spec.blocks else 1 for g in batch]
+        n = self.spec.groups[batch[0]]
+        S = torch.empty(sum(counts), n, n, dtype=torch.float32, device=_device(self.a))
+        for g, part in zip(batch, S.split(counts)):
+            similarity(self.spec, self.a, self.b, perms, g, self.users[g], self.static, out=part)
+        t1 = time.perf_counter()
+        used, moved = solve_round(self.spec, S, batch, perms, self.lap_backend, self.tol)
+        self.similarity_seconds += t1 - t0
+        self.lap_seconds += time.perf_counter() - t1
+        self.backends.append(used)
+        return moved
 
 
 def weight_matching(
@@ -350,6 +347,7 @@ def weight_matching(
     device: str | torch.device | None = None,
     skip_unchanged: bool = True,
     progress: Callable[[int, int | None], None] | None = None,
+    memory: int | str | None = None,
 ) -> MatchResult:
     """Permutations of B's groups that maximise Σ <A, π(B)> (Ainsworth et al. 2023, weight matching).
 
@@ -357,6 +355,8 @@ def weight_matching(
     run on the backend `lap.solve` picks. Each sweep never lowers the objective; the trace is returned.
     `skip_unchanged=False` solves every group every sweep (same answer, slower: for checking the skip).
     `progress(sweeps, None)` is called after every sweep (the number of sweeps is not known ahead).
+    `memory` (bytes or "8GB") splits rounds so that the working set fits (see `budget`); the plan is in
+    the result. None: no limit.
     """
     if max_iter < 1:
         raise ConfigError(f"max_iter: must be at least 1, got {max_iter}")
@@ -365,12 +365,13 @@ def weight_matching(
     spec.validate(shapes)
     start = time.perf_counter()
     device = torch.device(device) if device is not None else state_device(a)
-    a, b = _Fp32(a, device), _Fp32(b, device)
+    plan = None if memory is None else plan_memory(spec, shapes, _itemsizes(a), memory)
+    a, b = _On(a, device), _On(b, device)
     perms = {g: p.to(device) for g, p in (init or identity_perms(spec)).items()}
     rng = random.Random(seed)
-    run = _Sweeper(spec, a, b, tol, lap_backend, skip_unchanged)
+    run = _Sweeper(spec, a, b, tol, lap_backend, skip_unchanged, plan)
     sweeps, seconds = 0, []
-    with _threads(_thread_count(spec, shapes, run.users, device)):
+    with threads(thread_count(spec, shapes, run.users, device)):
         trace = [run.value(perms)]
         for sweeps in range(1, max_iter + 1):
             t0 = time.perf_counter()
@@ -394,7 +395,16 @@ def weight_matching(
         lap_backends=run.backends,
         unpermuted=spec.unpermuted(shapes),
         sweep_seconds=seconds,
+        memory=plan.to_dict() if plan is not None else None,
     )
+
+
+def _itemsizes(state: State) -> dict[str, int]:
+    """Bytes per element of each tensor, from headers when the state has them (no tensor is read)."""
+    dtypes = getattr(state, "dtypes", None)
+    if isinstance(dtypes, Mapping):
+        return {k: d.itemsize for k, d in dtypes.items()}
+    return {k: v.element_size() for k, v in state.items()}
 
 
 def apply(spec: PermutationSpec, state: State, result: MatchResult | Perms) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ from lmctk.basin.path import (
     path_device,
 )
 from lmctk.errors import ConfigError
-from lmctk.io import assert_same_keys, assert_same_shapes
+from lmctk.io import assert_same_keys, assert_same_shapes, state_shapes
 from lmctk.metrics import distances
 from lmctk.render.progress import stages
 from lmctk.spec import spec_for
@@ -191,6 +191,23 @@ def align_states(model: nn.Module, a: State, b: State, task: Task, how: str, *, 
     return apply(spec, b, match), match
 
 
+def _checked_inputs(model: nn.Module, a: State, b: State, renorm: str, align: str | None, spec,
+                    names: tuple[str, str]):
+    """Every input of a sweep checked before the first evaluation (the alignment's spec included, not
+    only after the raw sweep); returns the spec alignment will use (None without `align`)."""
+    if renorm not in rn.RENORMS:
+        raise ConfigError(f"renorm: unknown {renorm!r}; choose one of {', '.join(rn.RENORMS)}")
+    if align is not None and align not in ALIGNS:
+        raise ConfigError(f"align: unknown {align!r}; choose one of {', '.join(ALIGNS)} (or None)")
+    assert_same_keys(a, b, names[0], names[1])
+    assert_same_shapes(a, b, names[0], names[1])
+    if align is None:
+        return spec
+    spec = spec or spec_for(model)
+    spec.validate(state_shapes(a))
+    return spec
+
+
 def barrier_sweep(
     model: nn.Module,
     a: State,
@@ -221,13 +238,8 @@ def barrier_sweep(
     is called after each stage (raw sweep; alignment and aligned sweep).
     """
     start = time.perf_counter()
-    if renorm not in rn.RENORMS:
-        raise ConfigError(f"renorm: unknown {renorm!r}; choose one of {', '.join(rn.RENORMS)}")
-    if align is not None and align not in ALIGNS:
-        raise ConfigError(f"align: unknown {align!r}; choose one of {', '.join(ALIGNS)} (or None)")
+    spec = _checked_inputs(model, a, b, renorm, align, spec, names)
     device = path_device(model, device)
-    assert_same_keys(a, b, names[0], names[1])
-    assert_same_shapes(a, b, names[0], names[1])
     a, b = on_device(a, device), on_device(b, device)
     alphas = alpha_grid(points)
     calib = {"batches": calib_batches, "batch_size": calib_batch_size, "seed": calib_seed}

@@ -23,6 +23,7 @@ from lmctk.basin.barrier import (
     barrier_matrix,
     barrier_sweep,
 )
+from lmctk.basin.budget import default_budget
 from lmctk.basin.match import MatchResult
 from lmctk.basin.saved import (
     PERMS_NAME,
@@ -32,7 +33,7 @@ from lmctk.basin.saved import (
     save_perms,
 )
 from lmctk.errors import ConfigError
-from lmctk.io import resolve_checkpoint, state_shapes
+from lmctk.io import format_bytes, resolve_checkpoint, state_shapes
 from lmctk.loading import load_model_state, meta_skeleton, read_state, resolve_task
 from lmctk.metrics import distances
 from lmctk.render import line_plot, terminal_curve
@@ -72,6 +73,9 @@ class AlignReport:
         if self.function_check is not None:
             lines.append(f"π(B) computes the same function as B: max relative output difference "
                          f"{self.function_check:.2e}")
+        if self.match.memory is not None:
+            lines.append(f"memory plan: peak {format_bytes(self.match.memory['peak'])} of a "
+                         f"{format_bytes(self.match.memory['budget'])} budget")
         if self.match.unpermuted:
             lines.append(f"left unpermuted: {', '.join(self.match.unpermuted)}")
         lines += [f"written: {path}" for path in self.written]
@@ -96,6 +100,7 @@ def align_checkpoints(
     perms_only: bool = False,
     overwrite: bool = False,
     progress: Callable[[int, int | None], None] | None = None,
+    memory: int | str | None = None,
 ) -> AlignReport:
     """Align checkpoint B to checkpoint A; with `out`, write π(B) there as an HF model dir (with its
     permutations file); `perms` also writes the permutations to that file; `perms_only` writes no model.
@@ -103,6 +108,7 @@ def align_checkpoints(
     `stream` reads both checkpoints tensor by tensor (weight matching only), so neither is held whole.
     `device` runs weight matching's similarity matmuls there (the states stay where they are).
     `progress(sweeps, None)` is called after every matching sweep.
+    `memory` (bytes or "8GB"; default: half the memory available) bounds weight matching's working set.
     """
     if method not in MATCHING:
         raise ConfigError(f"--method: unknown {method!r}; choose one of {', '.join(MATCHING)}")
@@ -122,7 +128,8 @@ def align_checkpoints(
         spec = spec_for(model)
     if method == "weight":
         match = weight_matching(spec, state_a, state_b, max_iter=max_iter, seed=seed, lap_backend=lap_backend,
-                                device=resolve_device(device), progress=progress)
+                                device=resolve_device(device), progress=progress,
+                                memory=default_budget() if memory is None else memory)
     else:
         match = activation_matching(model, spec, state_a, state_b, the_task, max_batches=max_batches,
                                     seed=seed, lap_backend=lap_backend, progress=progress)

@@ -25,6 +25,8 @@ BACKENDS = ("scipy", "lapx", "torch")
 _TINY_ENTRIES = 1024
 # lapx's worker pool costs ~0.1 ms to wake: solve smaller batches on the calling thread.
 _THREAD_ENTRIES = 32768
+# CPU solvers need float64: at most this many entries (or one problem) are converted at a time.
+LAP_CHUNK_ENTRIES = 1 << 22
 _NONFINITE = "S: contains NaN or Inf; check the weights or activations that produced it"
 _INSTALL = {
     "lapx": "pip install 'lapx>=0.11'",
@@ -99,17 +101,24 @@ def _pick(S: torch.Tensor) -> str:
 
 
 def _solve_cpu(S: torch.Tensor, maximize: bool, lapx: Callable | None) -> torch.Tensor:
-    """Solve `[B, n, n]` in float64 on CPU with lapx's threaded batch solver, or scipy one at a time."""
-    cost = S.detach().to("cpu", torch.float64, copy=True, memory_format=torch.contiguous_format).numpy()
-    if maximize:
-        np.negative(cost, out=cost)
-    if not np.isfinite(cost).all():  # numpy's check is several times faster than torch's on CPU
-        raise ConfigError(_NONFINITE)
-    if lapx is not None:
-        threads = 1 if cost.size < _THREAD_ENTRIES else torch.get_num_threads()
-        _, cols = lapx(cost, return_cost=False, n_threads=threads)
-    else:
-        cols = [linear_sum_assignment(c)[1] for c in cost]
+    """Solve `[B, n, n]` on CPU with lapx's threaded batch solver, or scipy one at a time, converting
+    to float64 a chunk of problems at a time (never the whole batch)."""
+    n = S.shape[-1]
+    step = max(1, LAP_CHUNK_ENTRIES // max(1, n * n))
+    cols: list[np.ndarray] = []
+    for start in range(0, S.shape[0], step):
+        part = S[start:start + step].detach()
+        cost = part.to("cpu", torch.float64, copy=True, memory_format=torch.contiguous_format).numpy()
+        if maximize:
+            np.negative(cost, out=cost)
+        if not np.isfinite(cost).all():  # numpy's check is several times faster than torch's on CPU
+            raise ConfigError(_NONFINITE)
+        if lapx is not None:
+            threads = 1 if cost.size < _THREAD_ENTRIES else torch.get_num_threads()
+            cols += list(lapx(cost, return_cost=False, n_threads=threads)[1])
+        else:
+            cols += [linear_sum_assignment(c)[1] for c in cost]
+        del cost
     return torch.from_numpy(np.stack(cols).astype(np.int64, copy=False))
 
 

@@ -25,6 +25,7 @@ class MatchResult:
     lap_backends: list[str] = field(default_factory=list)
     unpermuted: list[str] = field(default_factory=list)
     sweep_seconds: list[float] = field(default_factory=list)  # wall time of each sweep
+    memory: dict[str, int] | None = None  # weight matching's memory plan (budget, planned peak, its parts)
 
     @property
     def other_seconds(self) -> float:
@@ -41,6 +42,7 @@ class MatchResult:
             "similarity_seconds": self.similarity_seconds,
             "other_seconds": self.other_seconds,
             "sweep_seconds": self.sweep_seconds,
+            "memory": self.memory,
             "lap_backends": sorted(set(self.lap_backends)),
             "unpermuted": self.unpermuted,
             "groups": {g: p.shape[-1] for g, p in self.perms.items()},

@@ -8,7 +8,14 @@ from typing import Optional
 
 import typer
 
-from lmctk.cli.app import QUIET_HELP, app, console, parse_options, refuse_existing, write_json
+from lmctk.cli.app import (
+    QUIET_HELP,
+    app,
+    console,
+    parse_options,
+    refuse_existing,
+    write_json,
+)
 from lmctk.render.progress import Progress
 
 
@@ -29,6 +36,8 @@ def align(
     device: str = typer.Option("cpu", help="Weight matching: device of the similarity matmuls (cpu, cuda, cuda:N, auto)."),
     max_batches: int = typer.Option(8, help="Activation matching: batches of the train split to correlate."),
     stream: bool = typer.Option(False, help="Weight matching from safetensors read tensor by tensor (low memory)."),
+    memory: Optional[str] = typer.Option(None, help="Weight matching: memory budget of its working set, e.g. 8GB "
+                                         "(default: half the memory available); prints the planned peak."),
     overwrite: bool = typer.Option(False, help="Replace existing --out/--json outputs."),
     quiet: bool = typer.Option(False, help=QUIET_HELP),
 ) -> None:
@@ -41,7 +50,8 @@ def align(
         report = align_checkpoints(a, b, method=method, task=task, task_options=parse_options(task_opt, "--task-opt"),
                                    stream=stream, max_iter=max_iter, seed=seed, lap_backend=lap_backend,
                                    device=device, max_batches=max_batches, out=out, perms=perms,
-                                   perms_only=perms_only, overwrite=overwrite, progress=bar.update)
+                                   perms_only=perms_only, overwrite=overwrite, memory=memory,
+                                   progress=bar.update)
     console.print(report)
     if json_out is not None:
         write_json(json_out, report.to_dict(), overwrite)

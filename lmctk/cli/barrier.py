@@ -7,7 +7,14 @@ from typing import Optional
 
 import typer
 
-from lmctk.cli.app import QUIET_HELP, app, console, parse_options, refuse_existing, write_json
+from lmctk.cli.app import (
+    QUIET_HELP,
+    app,
+    console,
+    parse_options,
+    refuse_existing,
+    write_json,
+)
 from lmctk.render.progress import Progress
 
 

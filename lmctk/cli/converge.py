@@ -7,7 +7,15 @@ from typing import Optional
 
 import typer
 
-from lmctk.cli.app import QUIET_HELP, SET_HELP, app, console, parse_list, parse_options, write_json
+from lmctk.cli.app import (
+    QUIET_HELP,
+    SET_HELP,
+    app,
+    console,
+    parse_list,
+    parse_options,
+    write_json,
+)
 from lmctk.errors import ConfigError, OutputExistsError
 from lmctk.render.progress import Progress
 

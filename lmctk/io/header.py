@@ -63,10 +63,10 @@ def read_header(file: Path) -> tuple[list[TensorInfo], dict[str, str]]:
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise corrupt(file, "header __metadata__ is not a map of strings")
     data_size = size - 8 - length
-    return [_entry(file, name, spec, data_size) for name, spec in header.items()], metadata
+    return [_entry(file, name, spec, data_size, 8 + length) for name, spec in header.items()], metadata
 
 
-def _entry(file: Path, name: str, spec: object, data_size: int) -> TensorInfo:
+def _entry(file: Path, name: str, spec: object, data_size: int, start: int) -> TensorInfo:
     try:
         code, shape, (begin, end) = spec["dtype"], tuple(spec["shape"]), spec["data_offsets"]  # type: ignore[index]
     except (KeyError, TypeError, ValueError):
@@ -84,4 +84,4 @@ def _entry(file: Path, name: str, spec: object, data_size: int) -> TensorInfo:
         raise corrupt(file, f"tensor {name} spans {end - begin} bytes but shape {shape} of {code} needs {nbytes}")
     if end > data_size:
         raise corrupt(file, f"tensor {name} ends at data byte {end} but the file holds only {data_size} (truncated)")
-    return TensorInfo(name, shape, dtype_name(dtype), nbytes, file)
+    return TensorInfo(name, shape, dtype_name(dtype), nbytes, file, start + begin)

@@ -34,13 +34,15 @@ def natural_key(name: str) -> list[str | int]:
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """One tensor as its checkpoint declares it; `file` is the file (or shard) that holds it."""
+    """One tensor as its checkpoint declares it; `file` is the file (or shard) that holds it and, for
+    safetensors, `offset` the byte where its data starts (-1: not known without loading)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str
     nbytes: int
     file: Path
+    offset: int = -1
 
     @property
     def numel(self) -> int:

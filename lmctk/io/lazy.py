@@ -1,21 +1,22 @@
 """A checkpoint read one tensor at a time: `TensorReader` (located once) and `LazyState`, its mapping view.
 
 `LazyState(path)` knows every name and shape from the headers and reads a tensor only when it is
-indexed (nothing is cached), so weight matching of checkpoints larger than memory holds about one
+indexed (no tensor is cached; file handles and headers are), so weight matching of checkpoints larger than memory holds about one
 layer per model at a time.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from lmctk.io.header import corrupt
+from lmctk.io.header import corrupt, read_header
+from lmctk.io.info import TensorInfo
 from lmctk.io.inspect import inspect_checkpoint
 from lmctk.io.layout import locate, resolve_checkpoint
 from lmctk.io.read import require_finite
@@ -25,15 +26,17 @@ from lmctk.io.torchfile import load_torch_state
 class TensorReader:
     """Reads one tensor at a time from a checkpoint, located once (index and shards read at construction).
 
-    Safetensors files are opened per read and closed, so pages of earlier tensors do not stay resident.
-    Torch files (.pt/.bin, sharded or not) have no random access: each is memory-mapped once and kept.
-    Every tensor returned is the caller's own (never a view of a cached state), so it may be changed in place.
+    Safetensors files are opened once (on first use) and kept open with their parsed headers; a read
+    copies the tensor's bytes straight into a fresh tensor (no memory map, so the pages of earlier
+    tensors never count as resident). Torch files (.pt/.bin) have no random access: each is
+    memory-mapped once and kept. Every tensor returned is the caller's own, so it may be changed in place.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.layout = locate(path)
         self.file_of = self.layout.weight_map
         self._torch: dict[Path, dict[str, torch.Tensor]] = {}
+        self._open: dict[Path, tuple[BinaryIO, dict[str, TensorInfo]]] = {}
 
     def where(self, name: str) -> Path:
         """The file that holds tensor `name`."""
@@ -48,15 +51,29 @@ class TensorReader:
             if name not in self._torch[file]:
                 raise self.layout.absent(file, [name])
             return self._torch[file][name].clone()
-        try:
-            with safe_open(file, framework="pt") as f:
-                return f.get_tensor(name)
-        except SafetensorError as exc:
-            raise corrupt(file, f"safetensors cannot read {name} ({exc})") from exc
+        if file not in self._open:
+            self._open[file] = (open(file, "rb"), {t.name: t for t in read_header(file)[0]})  # noqa: SIM115
+        handle, entries = self._open[file]
+        if name not in entries:
+            raise self.layout.absent(file, [name])
+        return _read_into(handle, entries[name])
+
+
+def _read_into(handle: BinaryIO, entry: TensorInfo) -> torch.Tensor:
+    """The tensor `entry` describes, its bytes read from `handle` into a new tensor (one copy)."""
+    raw = torch.empty(entry.nbytes, dtype=torch.uint8)
+    view, done = memoryview(raw.numpy()), 0
+    while done < entry.nbytes:
+        got = os.preadv(handle.fileno(), [view[done:]], entry.offset + done)
+        if got <= 0:
+            raise corrupt(entry.file, f"tensor {entry.name} ends past the end of the file (truncated)")
+        done += got
+    return raw.view(getattr(torch, entry.dtype)).reshape(entry.shape)
 
 
 class LazyState(Mapping[str, torch.Tensor]):
-    """Tensors of a checkpoint read on access (and checked for NaN/Inf); `shapes` and `dtypes` come from the headers."""
+    """Tensors of a checkpoint read on access, each checked for NaN/Inf on its first read only;
+    `shapes` and `dtypes` come from the headers."""
 
     def __init__(self, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> None:
         self.path = resolve_checkpoint(path)
@@ -65,12 +82,18 @@ class LazyState(Mapping[str, torch.Tensor]):
         self.dtypes = {t.name: getattr(torch, t.dtype) for t in info.tensors}
         self.device = torch.device(device)
         self._reader = TensorReader(self.path)
+        self._checked: set[str] = set()
+        self.read_seconds = 0.0  # spent reading and checking, for benchmarks
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self.shapes:
             raise KeyError(key)
+        start = time.perf_counter()
         tensor = self._reader.get(key)
-        require_finite(self._reader.where(key), key, tensor)
+        if key not in self._checked:
+            require_finite(self._reader.where(key), key, tensor)
+            self._checked.add(key)
+        self.read_seconds += time.perf_counter() - start
         return tensor.to(self.device)
 
     def __iter__(self) -> Iterator[str]:

@@ -59,11 +59,17 @@ def _read_torch(file: Path, names: list[str] | None) -> dict[str, torch.Tensor]:
     return state if names is None else {n: state[n] for n in names if n in state}
 
 
+_CHECK_CHUNK = 1 << 22
+
+
 def require_finite(file: Path, name: str, tensor: torch.Tensor) -> None:
     """Raise NonFiniteError naming `file` and `name` if the float tensor holds NaN or Inf."""
     if tensor.is_floating_point() or tensor.is_complex():
-        values = tensor if tensor.element_size() > 1 else tensor.float()  # isfinite lacks float8 kernels
-        n_bad = tensor.numel() - int(torch.isfinite(values).sum())
+        flat = tensor.reshape(-1)  # checked in chunks: isfinite's temporaries would double a large tensor
+        n_bad = 0
+        for start in range(0, flat.numel(), _CHECK_CHUNK):
+            part = flat[start:start + _CHECK_CHUNK]
+            n_bad += int((~torch.isfinite(part if part.element_size() > 1 else part.float())).sum())  # float8: no kernel
         if n_bad:
             raise NonFiniteError(file, name, n_bad)
 
