@@ -12,7 +12,6 @@ are the costs of one outer LAP over heads, so head order and within-head order a
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -28,6 +27,7 @@ from lmctk.basin.budget import (
     thread_count,
     threads,
 )
+from lmctk.basin.heads import gathered, head_step
 from lmctk.basin.match import MatchResult
 from lmctk.errors import ConfigError
 from lmctk.io import assert_same_shapes, state_device, state_shapes
@@ -35,28 +35,16 @@ from lmctk.metrics import dot
 from lmctk.spec.core import (
     Perms,
     PermutationSpec,
-    coordinates,
     group_slices,
     groups_in,
     identity_perms,
     is_identity,
     permute_state,
     permute_tensor,
+    shared_within,
 )
 
 State = Mapping[str, torch.Tensor]
-
-
-def _gathered(tensor: torch.Tensor, axis: int, index: torch.Tensor | None) -> torch.Tensor:
-    """`tensor` gathered along `axis` by `index` (None: as it is) as a [before, axis, after] view."""
-    if index is not None:
-        tensor = tensor.index_select(axis, index.to(tensor.device))
-    return tensor.reshape(math.prod(tensor.shape[:axis]), tensor.shape[axis], math.prod(tensor.shape[axis + 1:]))
-
-
-def _rows(tensor: torch.Tensor, axis: int, index: torch.Tensor | None, rows: int) -> torch.Tensor:
-    """`tensor` gathered along `axis` by `index` (None: as it is), that axis first, as `rows` rows."""
-    return _gathered(tensor, axis, index).movedim(1, 0).reshape(rows, -1)
 
 
 def _slices(spec: PermutationSpec, tensor: torch.Tensor, axes, axis: int, group: str, cache: dict) -> torch.Tensor:
@@ -65,7 +53,7 @@ def _slices(spec: PermutationSpec, tensor: torch.Tensor, axes, axis: int, group:
     if key not in cache:
         flat = group_slices(axes[axis], spec.groups, group, spec.blocks).reshape(-1)
         cache[key] = None if is_identity(flat) else flat
-    return _gathered(tensor, axis, cache[key])
+    return gathered(tensor, axis, cache[key])
 
 
 def similarity(
@@ -150,58 +138,6 @@ def independent_rounds(
         else:
             rounds.append([g])
     return rounds
-
-
-def head_step(
-    spec: PermutationSpec, a: State, b: State, perms: Perms, block: str,
-    users: list[tuple[str, int]], lap_backend: str = "auto",
-) -> tuple[Perms, list[str]]:
-    """Joint best order of `block` (heads) and of its per-block groups (within-head dims), others fixed.
-
-    Cost of pairing A's head e with B's head j = Σ of that pair's optimal within-head assignments
-    (all pairs and groups of one size in one batched LAP) + the head's other slots; one outer LAP
-    over heads then picks the pairs. Exact when no slot holds two within-head groups; tensors where
-    they meet (GQA's o_proj: query head x v dim) are left out of the costs, and callers keep the step
-    only if it raises the objective. Returns the proposed perms and the LAP backends used.
-    """
-    deps = [g for g, o in spec.blocks.items() if o == block and spec.groups[g] > 1]
-    others = {g: p for g, p in perms.items() if g != block and g not in deps}
-    n = spec.groups[block]
-    device = _device(a)
-    C = torch.zeros(n, n, dtype=torch.float32, device=device)
-    S = {g: torch.zeros(n, n, spec.groups[g], spec.groups[g], device=device) for g in deps}
-    indices: dict = {}
-    for key, axis in users:
-        axes, layout = spec.axes[key], spec.axes[key][axis]
-        _, coords = coordinates(layout, spec.groups)
-        present = [g for g in deps if g in coords]
-        held = sum(((coords[g][0] >= 0).long() for g in present), torch.zeros_like(coords[block][0]))
-        if bool((held > 1).any()):
-            continue
-        ta = a[key].to(torch.float32)
-        tb = permute_tensor(b[key].to(torch.float32), axes, spec.groups, others, indices, spec.blocks)
-        slots = group_slices(layout, spec.groups, block)
-        slots = slots[:, held[slots[0]] == 0].reshape(-1)  # a head's slots that no within-head group moves
-        C += _rows(ta, axis, slots, n) @ _rows(tb, axis, slots, n).T
-        for g in present:
-            index = group_slices(layout, spec.groups, g, spec.blocks).reshape(-1)
-            d = spec.groups[g]
-            rows_a = _rows(ta, axis, index, n * d).reshape(n, d, -1)
-            rows_b = _rows(tb, axis, index, n * d).reshape(n, d, -1)
-            S[g] += torch.einsum("eir,jkr->ejik", rows_a, rows_b)
-    inner: dict[str, torch.Tensor] = {}
-    backends = []
-    for d in sorted({spec.groups[g] for g in deps}):
-        gs = [g for g in deps if spec.groups[g] == d]
-        stacked = torch.stack([S[g] for g in gs])
-        solved, info = lap.solve(stacked, maximize=True, backend=lap_backend, return_info=True)
-        backends.append(info.backend)
-        C += lap.objective(stacked, solved).sum(0).to(C.dtype)
-        inner.update(zip(gs, solved))
-    heads, info = lap.solve(C, maximize=True, backend=lap_backend, return_info=True)
-    proposal = {block: heads.to(device)}
-    proposal.update({g: p[torch.arange(n, device=p.device), heads.to(p.device)].to(device) for g, p in inner.items()})
-    return proposal, [*backends, info.backend]
 
 
 def solve_round(spec: PermutationSpec, S: torch.Tensor, groups: list[str], perms: Perms, lap_backend: str,
@@ -289,7 +225,8 @@ class _Sweeper:
     def heads(self, perms: Perms, block: str) -> list[str]:
         """The joint head step of `block`, kept only if it raises the objective; returns the groups it moved."""
         t0 = time.perf_counter()
-        proposal, used = head_step(self.spec, self.a, self.b, perms, block, self.users[block], self.lap_backend)
+        proposal, used = head_step(self.spec, self.a, self.b, perms, block, self.users[block], self.lap_backend,
+                                   _device(self.a))
         self.lap_seconds += time.perf_counter() - t0
         self.backends += used
         keys = self.block_keys[block]
@@ -334,6 +271,15 @@ class _Sweeper:
         return moved
 
 
+def _shared_start(spec: PermutationSpec, a: State, b: State, **options) -> Perms:
+    """The optimum of the coarser spec whose within-head groups are shared by all heads, as per-head
+    permutations: descent over the finer spec starts there, so its objective is never below the
+    coarser one's (it searches a superset from the same point)."""
+    coarse = weight_matching(shared_within(spec), a, b, **options).perms
+    per_block = identity_perms(spec)
+    return {g: coarse[g].expand_as(per_block[g]).clone() for g in per_block}
+
+
 def weight_matching(
     spec: PermutationSpec,
     a: State,
@@ -354,6 +300,8 @@ def weight_matching(
     Similarities accumulate in fp32 on `device` (default: the states'; bf16/fp16 inputs are fine); LAPs
     run on the backend `lap.solve` picks. Each sweep never lowers the objective; the trace is returned.
     `skip_unchanged=False` solves every group every sweep (same answer, slower: for checking the skip).
+    A spec with per-head groups starts (without `init`) from the shared-within-head optimum, so its
+    objective is never below the coarser spec's; head order and within-head orders move jointly.
     `progress(sweeps, None)` is called after every sweep (the number of sweeps is not known ahead).
     `memory` (bytes or "8GB") splits rounds so that the working set fits (see `budget`); the plan is in
     the result. None: no limit.
@@ -365,6 +313,9 @@ def weight_matching(
     spec.validate(shapes)
     start = time.perf_counter()
     device = torch.device(device) if device is not None else state_device(a)
+    if init is None and spec.blocks:  # per-head groups start from the shared-within-head optimum
+        init = _shared_start(spec, a, b, max_iter=max_iter, seed=seed, tol=tol, lap_backend=lap_backend,
+                             device=device, skip_unchanged=skip_unchanged, memory=memory)
     plan = None if memory is None else plan_memory(spec, shapes, _itemsizes(a), memory)
     a, b = _On(a, device), _On(b, device)
     perms = {g: p.to(device) for g, p in (init or identity_perms(spec)).items()}
