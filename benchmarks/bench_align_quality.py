@@ -26,7 +26,7 @@ from lmctk.basin.align import apply, weight_matching
 from lmctk.basin.barrier import DEFINITIONS, barrier_sweep
 from lmctk.errors import ConfigError
 from lmctk.spec import spec_for
-from lmctk.spec.core import shared_within
+from lmctk.spec.core import identity_perms, shared_within
 from lmctk.train import TrainConfig, fit, load_run_model
 
 FAMILIES = {"gpt2": "text", "bert": "text-mlm"}
@@ -63,13 +63,10 @@ def run_family(family: str, args: argparse.Namespace, work: Path, console: Conso
     model, task, a, b = trained_pair(family, args, work)
     console.print(f"{family}: trained pair ready in {time.perf_counter() - t0:.0f} s")
     spec = spec_for(model)
-    shared = weight_matching(shared_within(spec), a, b)
-    start = {g: p.expand(spec.groups[spec.blocks[g]], -1).clone() if g in spec.blocks else p
-             for g, p in shared.perms.items()}
     matches = {
-        "weight, shared within head": shared,
-        "weight, per head": weight_matching(spec, a, b),
-        "weight, per head from shared": weight_matching(spec, a, b, init=start),
+        "weight, shared within head": weight_matching(shared_within(spec), a, b),
+        "weight, per head from identity": weight_matching(spec, a, b, init=identity_perms(spec)),
+        "weight, per head (default: from shared)": weight_matching(spec, a, b),
         "activation, per head": activation_matching(model, spec, a, b, task),
     }
     objectives = Table(title=f"{family}: weight-matching objective Σ<A, π(B)> (same pair, same tensors)")
