@@ -8,7 +8,8 @@ Face model dir with a `config.json`.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -96,12 +97,28 @@ def read_hf_config(file: Path) -> dict[str, Any]:
 
 
 def checkpoint_skeleton(path: str | Path, task: Task | None = None) -> nn.Module:
-    """A model with the architecture of the checkpoint at `path` (weights to be loaded by the caller).
+    """A model with the architecture of the checkpoint at `path`, fp32 weights allocated but not
+    initialised (the caller loads them; see `unloaded_skeleton`).
 
     For an HF dir whose config names no architecture, the task's kind picks the LM head (see
     `models.hf.model_from_config`). HF models use eager attention, as lmctk's own do: deterministic
     and vmap-friendly.
     """
+    return _materialise(unloaded_skeleton(path, task))
+
+
+def unloaded_skeleton(path: str | Path, task: Task | None = None) -> nn.Module:
+    """The architecture of the checkpoint at `path` with its parameters on the meta device (never
+    allocated nor initialised) and its buffers real (non-persistent ones, e.g. rotary frequencies, are
+    not in checkpoints): load a state with `load_into(..., assign=True)`, or see `checkpoint_skeleton`."""
+    with _parameters_on_meta():
+        model = _build_skeleton(path, task)
+    if hasattr(model, "tie_weights"):  # transformers ties in `init_weights`, which was skipped
+        model.tie_weights()
+    return model
+
+
+def _build_skeleton(path: str | Path, task: Task | None) -> nn.Module:
     run = run_dir_of(path)
     if run is not None:
         built = _manifest(run)["model"]  # every option resolved when the run was made: no task needed
@@ -123,33 +140,90 @@ def checkpoint_skeleton(path: str | Path, task: Task | None = None) -> nn.Module
     return model_from_config(config, task.kind if task is not None and task.kind != "classification" else None)
 
 
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get each parameter on the meta device and skip weight initialisation
+    (torch's `nn.init` and transformers' `init_weights`); buffers are made as usual."""
+    from transformers.initialization import no_init_weights
+
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        with no_init_weights():
+            yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _materialise(model: nn.Module) -> nn.Module:
+    """Allocate (uninitialised, on CPU) every parameter still on meta; tied parameters stay one tensor."""
+    made: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None and param.is_meta:
+                if id(param) not in made:
+                    made[id(param)] = nn.Parameter(torch.empty_like(param, device="cpu"), param.requires_grad)
+                module._parameters[name] = made[id(param)]
+    return model
+
+
 def resolve_task(task: str | Task | None, options: Mapping[str, Any] | None, paths: Sequence[str | Path]) -> Task:
     """The task to score on: given by name (or object), else the task the first run dir was trained on."""
-    if task is not None and not isinstance(task, str):
-        return task
-    if task is None:
-        found = task_of(paths[0]) if paths else None
-        if found is None:
-            raise ConfigError("--task: needed to score these checkpoints (they are not lmctk run dirs); e.g. --task text")
-        task, options = found[0], {**found[1], **(options or {})}
-    return get_task(task, **dict(options or {}))
+    if task is None or isinstance(task, str):
+        if task is None:
+            found = task_of(paths[0]) if paths else None
+            if found is None:
+                raise ConfigError("--task: needed to score these checkpoints (they are not lmctk run dirs); "
+                                  "e.g. --task text")
+            task, options = found[0], {**found[1], **(options or {})}
+        task = get_task(task, **dict(options or {}))
+    for path in paths:
+        check_task_fits(task, path)
+    return task
+
+
+_OUTPUT_SIZES = {"vocab_size": "vocabulary size", "num_classes": "number of classes"}
+
+
+def check_task_fits(task: Task, path: str | Path) -> None:
+    """ConfigError unless the model at `path` has room for every token id or class `task` produces
+    (read from its config; nothing is built): a task vocabulary larger than the model's would fail
+    deep in evaluation."""
+    config = model_config_of(path)
+    sizes = config.get("options", {}) if run_dir_of(path) is not None else config
+    needs = task.model_options()
+    for option, what in _OUTPUT_SIZES.items():
+        has = sizes.get(option)
+        if option in needs and isinstance(has, int) and has < needs[option]:
+            raise ConfigError(f"{path}: the model's {what} is {has} but task {task.name!r} needs {needs[option]}; "
+                              "use a model and task that fit each other")
 
 
 def load_model_state(path: str | Path, task: Task | None = None) -> tuple[nn.Module, dict[str, torch.Tensor], Task | None]:
-    """(model skeleton, its state at `path` under the model's keys, the run's task or None) for any checkpoint path."""
+    """(model, its state at `path` under the model's keys, the run's task or None) for any checkpoint path.
+
+    The model's parameters are the state's tensors (the checkpoint's dtype; nothing is allocated twice
+    and nothing randomly initialised): copy the model before changing its weights in place.
+    """
     if task is None:
         found = task_of(path)
         task = get_task(found[0], **found[1]) if found else None
-    model = checkpoint_skeleton(path, task)
+    model = unloaded_skeleton(path, task)
     state = dict(read_state(path, model))
-    load_into(model, state, path)
+    load_into(model, state, path, assign=True)
     return model, state, task
 
 
 def meta_skeleton(path: str | Path) -> nn.Module:
     """The checkpoint's architecture on the meta device (no weights made): for key maps and specs of large models."""
     with torch.device("meta"):
-        return checkpoint_skeleton(path)
+        return _build_skeleton(path, None)
 
 
 def read_state(path: str | Path, model: nn.Module, *, lazy: bool = False, keys: KeyMap | None = None, **options: Any
@@ -163,14 +237,20 @@ def read_state(path: str | Path, model: nn.Module, *, lazy: bool = False, keys: 
     return (keys or KeyMap.of(model)).view(stored)
 
 
-def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], where: object, keys: KeyMap | None = None) -> None:
+def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], where: object, keys: KeyMap | None = None,
+              *, assign: bool = False) -> None:
     """Load `state` (stored names or model keys) strictly: every model key present once the key map has
-    renamed it and filled its tied aliases, and no tensor the model does not have."""
+    renamed it and filled its tied aliases, and no tensor the model does not have.
+
+    `assign` makes the state's tensors the model's (as `load_state_dict(assign=True)`; the way to fill
+    an `unloaded_skeleton`), then re-ties the weights of an HF model."""
     view = state if isinstance(state, StateView) else (keys or KeyMap.of(model)).view(state)
-    missing, unexpected = model.load_state_dict(dict(view), strict=False)
+    missing, unexpected = model.load_state_dict(dict(view), strict=False, assign=assign)
     if unexpected:
         raise KeyMismatchError(f"{where}: {len(unexpected)} tensors the model does not have "
                                f"(e.g. {unexpected[0]}); use checkpoints of one architecture")
     if missing:
         raise KeyMismatchError(f"{where}: checkpoint lacks {len(missing)} tensors (e.g. {missing[0]}); "
                                "use checkpoints of one architecture")
+    if assign and hasattr(model, "tie_weights"):
+        model.tie_weights()

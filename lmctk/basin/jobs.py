@@ -277,7 +277,7 @@ def barrier_checkpoints(
     model, first, _ = load_model_state(models[0], the_task)  # one skeleton; the sweep checks the others' keys
     states = [first] + [dict(read_state(p, model)) for p in models[1:]]
     target = resolve_device(device)
-    model: nn.Module = model.to(target)
+    model: nn.Module = model.to(target, torch.float32)  # paths are evaluated in fp32 whatever the files hold
     names = _names(models)
     if len(models) == 2:
         result = barrier_sweep(model, states[0], states[1], the_task, names=tuple(names), device=target,
