@@ -173,8 +173,10 @@ def _materialise(model: nn.Module) -> nn.Module:
     return model
 
 
-def resolve_task(task: str | Task | None, options: Mapping[str, Any] | None, paths: Sequence[str | Path]) -> Task:
-    """The task to score on: given by name (or object), else the task the first run dir was trained on."""
+def resolve_task(task: str | Task | None, options: Mapping[str, Any] | None, paths: Sequence[str | Path],
+                 checkpoints: Sequence[str | Path] | None = None) -> Task:
+    """The task to score on: given by name (or object), else the task the first run dir was trained on;
+    checked to fit the models at `checkpoints` (default: `paths`) before any work is done."""
     if task is None or isinstance(task, str):
         if task is None:
             found = task_of(paths[0]) if paths else None
@@ -183,7 +185,7 @@ def resolve_task(task: str | Task | None, options: Mapping[str, Any] | None, pat
                                   "e.g. --task text")
             task, options = found[0], {**found[1], **(options or {})}
         task = get_task(task, **dict(options or {}))
-    for path in paths:
+    for path in paths if checkpoints is None else checkpoints:
         check_task_fits(task, path)
     return task
 

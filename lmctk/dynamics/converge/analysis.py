@@ -361,8 +361,8 @@ def converge(
     opened = [Run.open(r) for r in runs]
     if len(opened) < 2:
         raise ConfigError(f"converge needs at least 2 runs (seeds), got {len(opened)}")
-    task = resolve_task(task, task_options, runs)
     chosen, missing = common_steps(opened, steps)
+    task = resolve_task(task, task_options, runs, checkpoints=[r.checkpoints[chosen[0]] for r in opened])
     k = len(opened)
     evaluator = Evaluator(checkpoint_skeleton(opened[0].checkpoints[chosen[0]], task), k, task, device=device,
                           batch_size=batch_size, probe=probe, batched=batched)
