@@ -266,6 +266,25 @@ def _threads(count: int) -> Iterator[None]:
 # Below this many multiply-adds in a group's similarity, waking a second thread costs more than it saves
 # (on a busy 2-core machine a small matching ran 15x slower on 2 threads than on 1).
 _ONE_THREAD_MACS = 1 << 24
+# Similarity entries held at once in a round: a round of independent groups is computed and solved in
+# chunks under this budget (one group at least), so memory is bounded by the largest group, not by how
+# many same-size groups a round happens to hold (28 MLP groups of 18944² in Qwen2.5-7B: 40 GB of S).
+# The chunks of a round share no neighbour, so the answer is the same as one batch.
+_ROUND_ENTRIES = 1 << 26
+
+
+def budget_chunks(sizes: Mapping[str, int], groups: list[str], budget: int) -> list[list[str]]:
+    """`groups` in order, cut into consecutive chunks whose summed `sizes` stay within `budget` (one group
+    at least per chunk)."""
+    chunks: list[list[str]] = []
+    total = budget + 1
+    for g in groups:
+        if total + sizes[g] > budget:
+            chunks.append([])
+            total = 0
+        chunks[-1].append(g)
+        total += sizes[g]
+    return chunks
 
 
 def _thread_count(spec: PermutationSpec, shapes: Mapping[str, tuple[int, ...]], users, device: torch.device) -> int:
@@ -290,6 +309,7 @@ class _Sweeper:
     skip: bool
     users: dict[str, list[tuple[str, int]]] = field(init=False)
     block_keys: dict[str, set[str]] = field(init=False)
+    entries: dict[str, int] = field(init=False)
     track: _Staleness = field(init=False)
     value: _Objective = field(init=False)
     static: dict = field(default_factory=dict)
@@ -300,6 +320,8 @@ class _Sweeper:
 
     def __post_init__(self) -> None:
         self.users = self.spec.users()  # derived once, not per group and sweep
+        self.entries = {g: n * n * (self.spec.groups[self.spec.blocks[g]] if g in self.spec.blocks else 1)
+                        for g, n in self.spec.groups.items()}  # a group's S entries
         self.block_keys = {b: {key for key, _ in self.users[b]} for b in set(self.spec.blocks.values())}
         self.track = _Staleness(self.spec.neighbours())
         self.value = _Objective(self.spec, self.a, self.b)
@@ -324,14 +346,18 @@ class _Sweeper:
             self.round += 1
             todo = [g for g in round_ if self.track.stale(g) or not self.skip]
             changed = [h for g in todo if g in self.block_keys for h in self.heads(perms, g)]
-            t0 = time.perf_counter()
-            S = {g: similarity(self.spec, self.a, self.b, perms, g, self.users[g], self.static)
-                 for g in todo if g not in self.block_keys}
-            self.similarity_seconds += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            used, moved = solve_round(self.spec, S, perms, self.lap_backend, self.tol)
-            self.lap_seconds += time.perf_counter() - t0
-            self.backends += used
+            plain = [g for g in todo if g not in self.block_keys]
+            moved = []
+            for chunk in budget_chunks(self.entries, plain, _ROUND_ENTRIES):
+                t0 = time.perf_counter()
+                S = {g: similarity(self.spec, self.a, self.b, perms, g, self.users[g], self.static) for g in chunk}
+                self.similarity_seconds += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                used, moved_now = solve_round(self.spec, S, perms, self.lap_backend, self.tol)
+                self.lap_seconds += time.perf_counter() - t0
+                self.backends += used
+                moved += moved_now
+                del S
             self.track.solved.update({g: self.round for g in todo})
             self.track.changed.update({g: self.round for g in changed + moved})
             self.value.changed(changed + moved)
