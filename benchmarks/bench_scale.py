@@ -175,7 +175,8 @@ def report(rows: list[dict], base_mib: float) -> str:
          f"process: wall seconds and peak RSS (VmHWM; imports alone: {base_mib:.0f} MiB). `exact`: aligned B equals A "
          "bit for bit (weight matching recovered the permutation)."),
         (f"Machine: {platform.machine()}, {os.cpu_count()} cores, 24 GB RAM, torch {torch.__version__}; shared with "
-         "other jobs (load average 4-5 during the runs), so seconds are pessimistic and vary; memory does not."), "",
+         "other jobs (`load`: the 1-minute load average when the step ended), so seconds are pessimistic and vary; "
+         "memory does not."), "",
         "| model | step | seconds | peak RSS (MiB) | exit | exact | load |", "|---|---|---|---:|---:|---|---:|",
     ]
     for r in rows:
