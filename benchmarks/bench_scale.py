@@ -67,7 +67,7 @@ def make(name: str, root: Path, noisy: int = 1) -> None:
     dtype = getattr(torch, MODELS[name][2])
     torch.manual_seed(0)
     config = _config(name)
-    model = _model_class(config).from_config(config).to(dtype)
+    model = _model_class(config).from_config(config, dtype=dtype)  # built in its dtype: no fp32 copy of a bf16 model
     model.save_pretrained(root / "A")
     state = {k: v.clone() for k, v in model.state_dict().items()}
     spec = spec_for(model)
@@ -75,9 +75,10 @@ def make(name: str, root: Path, noisy: int = 1) -> None:
         model.load_state_dict(permute_state(state, spec, random_perms(spec, torch.Generator().manual_seed(1), moving=True)))
         model.save_pretrained(root / "B")
         g = torch.Generator().manual_seed(2)
-        for i in range(noisy):
-            model.load_state_dict({k: v + 1e-3 * torch.randn(v.shape, generator=g).to(v.dtype) if v.is_floating_point() else v
-                                   for k, v in state.items()})
+        for i in range(noisy):  # in place, tensor by tensor: model + A's copy, never a third state
+            for k, v in model.state_dict().items():
+                if v.is_floating_point():
+                    v.copy_(state[k] + 1e-3 * torch.randn(v.shape, generator=g).to(v.dtype))
             model.save_pretrained(root / f"C{i}")
 
 
