@@ -38,18 +38,25 @@ def distances(
     a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], keys: Sequence[str] | None = None
 ) -> dict[str, float]:
     """‖θ_A − θ_B‖₂ and the cosine of θ_A and θ_B over `keys` (default: all), floating tensors only,
-    in float64. Each tensor is read once, so lazy or permuted-on-access mappings stream through."""
+    in float64. Each tensor is read once, so lazy or permuted-on-access mappings stream through, and is
+    promoted to float64 `DISTANCE_CHUNK` elements at a time, so the scratch memory is bounded whatever the
+    tensor (a whole 7B embedding in float64 with its temporaries would be about 17 GB)."""
     diff = dot = na = nb = 0.0
     for k in keys if keys is not None else list(a.keys()):
         x = a[k]
         if not x.is_floating_point():
             continue
-        x, y = x.double(), b[k].double().to(x.device)
-        diff += float((x - y).square().sum())
-        dot += float((x * y).sum())
-        na += float(x.square().sum())
-        nb += float(y.square().sum())
+        x, y = x.reshape(-1), b[k].to(x.device).reshape(-1)
+        for s in range(0, x.numel(), DISTANCE_CHUNK):
+            xs, ys = x[s:s + DISTANCE_CHUNK].double(), y[s:s + DISTANCE_CHUNK].double()
+            diff += float((xs - ys).square().sum())
+            dot += float((xs * ys).sum())
+            na += float(xs.square().sum())
+            nb += float(ys.square().sum())
     return {"l2": diff ** 0.5, "cosine": dot / max((na * nb) ** 0.5, 1e-300)}
+
+
+DISTANCE_CHUNK = 1 << 22  # elements promoted to float64 at once in `distances` (32 MB each)
 
 
 def _as_matrix(x: torch.Tensor, name: str) -> torch.Tensor:

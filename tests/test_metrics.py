@@ -237,3 +237,22 @@ def test_one_seed_loss_std_and_cv_are_nan():
 
     spread = loss_spread(torch.tensor([1.0]))
     assert spread["mean"] == 1.0 and math.isnan(spread["std"]) and math.isnan(spread["cv"])  # undefined, not 0
+
+
+def test_distances_promote_to_float64_in_bounded_chunks_with_the_same_result(monkeypatch):
+    """Streamed align measures distances tensor by tensor; a tensor is promoted to float64 a chunk at a
+    time (issue 12: a 7B embedding whole in float64 with its temporaries was ~17 GB), same numbers."""
+    import lmctk.metrics as metrics_module
+
+    g = torch.Generator().manual_seed(0)
+    a = {"w": torch.randn(37, 11, generator=g), "b": torch.randn(5, generator=g), "i": torch.arange(3)}
+    b = {k: (v + 0.1 * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v for k, v in a.items()}
+    x = torch.cat([a["w"].reshape(-1), a["b"]]).double()
+    y = torch.cat([b["w"].reshape(-1), b["b"]]).double()
+    want = {"l2": float((x - y).norm()), "cosine": float(x @ y / (x.norm() * y.norm()))}
+    whole = metrics_module.distances(a, b)
+    monkeypatch.setattr(metrics_module, "DISTANCE_CHUNK", 7)
+    chunked = metrics_module.distances(a, b)
+    for key in want:
+        assert whole[key] == pytest.approx(want[key], rel=1e-12)
+        assert chunked[key] == pytest.approx(want[key], rel=1e-12)
