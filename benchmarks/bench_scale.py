@@ -212,6 +212,7 @@ def main() -> None:
     parser.add_argument("--json-dir", type=Path, default=None, help="keep each align's --json (per-group timings) here")
     parser.add_argument("--rows", type=Path, default=None, help="append rows here (JSON lines); report all of them")
     parser.add_argument("--no-make", action="store_true", help="with --rows: only report the rows already there")
+    parser.add_argument("--label", default="", help="appended to every step's label (e.g. a code change measured)")
     args = parser.parse_args()
     names = args.models.split(",")
     unknown = [n for n in names if n not in MODELS]
@@ -238,6 +239,8 @@ def main() -> None:
             rows += bench_soupable(names[0], root, [int(n) for n in args.soupable.split(",")])
         finally:
             shutil.rmtree(root, ignore_errors=True)
+    for r in rows:
+        r["step"] += f" {args.label}" if args.label else ""
     if args.rows is not None:
         with args.rows.open("a") as f:
             for r in rows:
