@@ -6,6 +6,8 @@ Each step runs `lmctk <command>` in a fresh subprocess that reports its wall tim
 (VmHWM). `--soupable 2,4,8` also times `soupable` over N fine-tune-like ingredients of the first model.
 
 Run: `.venv/bin/python benchmarks/bench_scale.py [--models gpt2-124m,qwen2.5-0.5b] [--quick] [--soupable 2,4,8]`
+`--steps inspect,stream,soup` runs a subset; `--rows FILE` appends every row (JSON lines) to FILE and
+`--write-results` then reports all rows in FILE, so a session can measure model by model.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def make(name: str, root: Path, noisy: int = 1) -> None:
     dtype = getattr(torch, MODELS[name][2])
     torch.manual_seed(0)
     config = _config(name)
-    model = _model_class(config).from_config(config).to(dtype)
+    model = _model_class(config).from_config(config, dtype=dtype)  # built in its dtype: no fp32 copy of a bf16 model
     model.save_pretrained(root / "A")
     state = {k: v.clone() for k, v in model.state_dict().items()}
     spec = spec_for(model)
@@ -73,9 +75,10 @@ def make(name: str, root: Path, noisy: int = 1) -> None:
         model.load_state_dict(permute_state(state, spec, random_perms(spec, torch.Generator().manual_seed(1), moving=True)))
         model.save_pretrained(root / "B")
         g = torch.Generator().manual_seed(2)
-        for i in range(noisy):
-            model.load_state_dict({k: v + 1e-3 * torch.randn(v.shape, generator=g).to(v.dtype) if v.is_floating_point() else v
-                                   for k, v in state.items()})
+        for i in range(noisy):  # in place, tensor by tensor: model + A's copy, never a third state
+            for k, v in model.state_dict().items():
+                if v.is_floating_point():
+                    v.copy_(state[k] + 1e-3 * torch.randn(v.shape, generator=g).to(v.dtype))
             model.save_pretrained(root / f"C{i}")
 
 
@@ -96,7 +99,8 @@ def child(args: list[str]) -> None:
         from lmctk.cli import main
 
         code = main(args)
-    print(json.dumps({"peak_kib": peak_kib(), "seconds": time.perf_counter() - start, "code": code}))
+    print(json.dumps({"peak_kib": peak_kib(), "seconds": time.perf_counter() - start, "code": code,
+                      "load": round(os.getloadavg()[0], 1)}))
 
 
 def measure(*args: object) -> dict:
@@ -116,20 +120,33 @@ def recovered(a: Path, out: Path) -> bool:
     return sa.keys() == so.keys() and all(torch.equal(sa[k], so[k]) for k in sa)
 
 
-def bench_model(name: str, root: Path, quick: bool) -> list[dict]:
+STEP_KEYS = {"inspect": "inspect", "memory": "align (memory)", "stream": "align --stream",
+             "barrier": "barrier (3 points)", "soup": "soup (3, uniform)"}
+
+
+def bench_model(name: str, root: Path, quick: bool, only: list[str] | None = None,
+                align_args: list[str] = (), json_dir: Path | None = None) -> list[dict]:
     task = "text-mlm" if MODELS[name][0] == "BertConfig" else "text"
     rows = [{"model": name, "step": "make (A, π(A), A+noise ×2)", **measure("make", name, root, 2)}]
+    print(json.dumps(rows[-1]), flush=True)
     a, b, c0, c1 = root / "A", root / "B", root / "C0", root / "C1"
     streaming_only = MODELS[name][3] == "stream"
+    extra = [*align_args]
+    suffix = f" {' '.join(align_args)}" if align_args else ""
+    js = [] if json_dir is None else ["--json", json_dir / f"{name}-align-memory.json"]
+    jss = [] if json_dir is None else ["--json", json_dir / f"{name}-align-stream.json"]
     steps = [("inspect", ["inspect", a])]
     if not streaming_only:
-        steps.append(("align (memory)", ["align", a, b, "--out", root / "al"]))
-    steps.append(("align --stream", ["align", a, b, "--stream", "--out", root / "als"]))
+        steps.append(("align (memory)" + suffix, ["align", a, b, "--out", root / "al", *extra, *js]))
+    steps.append(("align --stream" + suffix, ["align", a, b, "--stream", "--out", root / "als", *extra, *jss]))
     if not streaming_only:
         steps.append(("barrier (3 points)", ["barrier", a, c0, "--task", task, *TEXT, "--points", 3]))
     steps.append(("soup (3, uniform)", ["soup", a, c0, c1, "--out", root / "soup"]))
     if quick:
-        steps = [s for s in steps if s[0] in ("align --stream", "soup (3, uniform)")]
+        steps = [s for s in steps if s[0].startswith(("align --stream", "soup (3, uniform)"))]
+    if only is not None:
+        wanted = tuple(STEP_KEYS[k] for k in only)
+        steps = [s for s in steps if s[0].startswith(wanted)]
     for label, args in steps:
         r = measure(*args)
         out = next((Path(x) for x in args if isinstance(x, Path) and x.parent == root and x.name in ("al", "als")), None)
@@ -159,12 +176,15 @@ def report(rows: list[dict], base_mib: float) -> str:
          f"process: wall seconds and peak RSS (VmHWM; imports alone: {base_mib:.0f} MiB). `exact`: aligned B equals A "
          "bit for bit (weight matching recovered the permutation)."),
         (f"Machine: {platform.machine()}, {os.cpu_count()} cores, 24 GB RAM, torch {torch.__version__}; shared with "
-         "other jobs (load average 4-5 during the runs), so seconds are pessimistic and vary; memory does not."), "",
-        "| model | step | seconds | peak RSS (MiB) | exit | exact |", "|---|---|---|---|---|---|",
+         "other jobs (`load`: the 1-minute load average when the step ended), so seconds are pessimistic and vary; "
+         "memory does not."), "",
+        "| model | step | seconds | peak RSS (MiB) | exit | exact | load |", "|---|---|---|---:|---:|---|---:|",
     ]
     for r in rows:
         exact = "" if "exact" not in r else ("yes" if r["exact"] else "**no**")
-        lines.append(f"| {r['model']} | {r['step']} | {r['seconds']:.1f} | {r['peak_kib'] / 1024:.0f} | {r['code']} | {exact} |")
+        load = f"{r['load']:.1f}" if "load" in r else ""
+        lines.append(f"| {r['model']} | {r['step']} | {r['seconds']:.1f} | {r['peak_kib'] / 1024:.0f} | {r['code']} "
+                     f"| {exact} | {load} |")
     return "\n".join(lines) + "\n"
 
 
@@ -187,25 +207,45 @@ def main() -> None:
     parser.add_argument("--soupable", default="", help="also soupable over N ingredients of the first model, e.g. 2,4,8")
     parser.add_argument("--dir", type=Path, default=None, help="where to put the checkpoints")
     parser.add_argument("--write-results", action="store_true", help=f"replace the '{SECTION}' section of RESULTS.md")
+    parser.add_argument("--steps", default=None, help=f"comma-separated subset of {', '.join(STEP_KEYS)}")
+    parser.add_argument("--align-args", default="", help="extra align arguments, e.g. '--max-iter 1'")
+    parser.add_argument("--json-dir", type=Path, default=None, help="keep each align's --json (per-group timings) here")
+    parser.add_argument("--rows", type=Path, default=None, help="append rows here (JSON lines); report all of them")
+    parser.add_argument("--no-make", action="store_true", help="with --rows: only report the rows already there")
+    parser.add_argument("--label", default="", help="appended to every step's label (e.g. a code change measured)")
     args = parser.parse_args()
     names = args.models.split(",")
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         parser.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     base = measure("--help")["peak_kib"] / 1024  # what every child pays for imports
+    only = None if args.steps is None else [k for k in args.steps.split(",") if k]  # "" : soupable only
+    if only is not None and (bad := [k for k in only if k not in STEP_KEYS]):
+        parser.error(f"--steps: unknown {', '.join(bad)}; choose from {', '.join(STEP_KEYS)}")
+    if args.json_dir is not None:
+        args.json_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    for name in names:
+    for name in [] if args.no_make else names:
+        if only == []:
+            break
         root = Path(tempfile.mkdtemp(prefix=f"bench-scale-{name}-", dir=args.dir))
         try:
-            rows += bench_model(name, root, args.quick)
+            rows += bench_model(name, root, args.quick, only, args.align_args.split(), args.json_dir)
         finally:
             shutil.rmtree(root, ignore_errors=True)
-    if args.soupable:
+    if args.soupable and not args.no_make:
         root = Path(tempfile.mkdtemp(prefix="bench-scale-soupable-", dir=args.dir))
         try:
             rows += bench_soupable(names[0], root, [int(n) for n in args.soupable.split(",")])
         finally:
             shutil.rmtree(root, ignore_errors=True)
+    for r in rows:
+        r["step"] += f" {args.label}" if args.label else ""
+    if args.rows is not None:
+        with args.rows.open("a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        rows = [json.loads(line) for line in args.rows.read_text().splitlines() if line.strip()]
     table = report(rows, base)
     print(table)
     if args.write_results:

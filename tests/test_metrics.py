@@ -237,3 +237,22 @@ def test_one_seed_loss_std_and_cv_are_nan():
 
     spread = loss_spread(torch.tensor([1.0]))
     assert spread["mean"] == 1.0 and math.isnan(spread["std"]) and math.isnan(spread["cv"])  # undefined, not 0
+
+
+def test_distances_in_bounded_chunks_give_the_whole_tensor_result(monkeypatch):
+    """Streamed align measures distances tensor by tensor, a fp32 chunk at a time with float64 sums (a 7B
+    embedding whole in float64 with its temporaries was ~17 GB): the same numbers to fp32 rounding."""
+    import lmctk.metrics as metrics_module
+
+    g = torch.Generator().manual_seed(0)
+    a = {"w": torch.randn(37, 11, generator=g), "b": torch.randn(5, generator=g), "i": torch.arange(3)}
+    b = {k: (v + 0.1 * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v for k, v in a.items()}
+    x = torch.cat([a["w"].reshape(-1), a["b"]]).double()
+    y = torch.cat([b["w"].reshape(-1), b["b"]]).double()
+    want = {"l2": float((x - y).norm()), "cosine": float(x @ y / (x.norm() * y.norm()))}
+    whole = metrics_module.distances(a, b)
+    monkeypatch.setattr(metrics_module, "CHUNK", 7)
+    chunked = metrics_module.distances(a, b)
+    for key in want:
+        assert whole[key] == pytest.approx(want[key], rel=1e-6)
+        assert chunked[key] == pytest.approx(whole[key], rel=1e-12)
