@@ -271,13 +271,13 @@ class _Sweeper:
         return moved
 
 
-def _shared_start(spec: PermutationSpec, a: State, b: State, **options) -> Perms:
+def _shared_start(spec: PermutationSpec, a: State, b: State, **options) -> tuple[Perms, MatchResult]:
     """The optimum of the coarser spec whose within-head groups are shared by all heads, as per-head
     permutations: descent over the finer spec starts there, so its objective is never below the
-    coarser one's (it searches a superset from the same point)."""
-    coarse = weight_matching(shared_within(spec), a, b, **options).perms
+    coarser one's (it searches a superset from the same point). Returns the start and the coarse run."""
+    coarse = weight_matching(shared_within(spec), a, b, **options)
     per_block = identity_perms(spec)
-    return {g: coarse[g].expand_as(per_block[g]).clone() for g in per_block}
+    return {g: coarse.perms[g].expand_as(per_block[g]).clone() for g in per_block}, coarse
 
 
 def weight_matching(
@@ -313,9 +313,10 @@ def weight_matching(
     spec.validate(shapes)
     start = time.perf_counter()
     device = torch.device(device) if device is not None else state_device(a)
+    coarse = None
     if init is None and spec.blocks:  # per-head groups start from the shared-within-head optimum
-        init = _shared_start(spec, a, b, max_iter=max_iter, seed=seed, tol=tol, lap_backend=lap_backend,
-                             device=device, skip_unchanged=skip_unchanged, memory=memory)
+        init, coarse = _shared_start(spec, a, b, max_iter=max_iter, seed=seed, tol=tol, lap_backend=lap_backend,
+                                     device=device, skip_unchanged=skip_unchanged, memory=memory)
     plan = None if memory is None else plan_memory(spec, shapes, _itemsizes(a), memory)
     a, b = _On(a, device), _On(b, device)
     perms = {g: p.to(device) for g, p in (init or identity_perms(spec)).items()}
@@ -341,9 +342,9 @@ def weight_matching(
         objective=trace,
         sweeps=sweeps,
         seconds=time.perf_counter() - start,
-        lap_seconds=run.lap_seconds,
-        similarity_seconds=run.similarity_seconds,
-        lap_backends=run.backends,
+        lap_seconds=run.lap_seconds + (coarse.lap_seconds if coarse else 0.0),  # the coarse start's time included
+        similarity_seconds=run.similarity_seconds + (coarse.similarity_seconds if coarse else 0.0),
+        lap_backends=run.backends + (coarse.lap_backends if coarse else []),
         unpermuted=spec.unpermuted(shapes),
         sweep_seconds=seconds,
         memory=plan.to_dict() if plan is not None else None,
