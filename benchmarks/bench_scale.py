@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_md import write_section
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Real shapes"
@@ -188,18 +189,6 @@ def report(rows: list[dict], base_mib: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) this benchmark's section of RESULTS.md."""
-    text = path.read_text()
-    start = text.find(SECTION)
-    if start >= 0:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("\n" + text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="gpt2-124m,qwen2.5-0.5b", help=f"comma-separated, of {', '.join(MODELS)}")
@@ -249,7 +238,7 @@ def main() -> None:
     table = report(rows, base)
     print(table)
     if args.write_results:
-        write_section(HERE / "RESULTS.md", table)
+        write_section(HERE / "RESULTS.md", SECTION, table)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_md import write_section
 from safetensors.torch import save_file
 
 HERE = Path(__file__).resolve().parent
@@ -110,7 +111,7 @@ def main() -> None:
     table = report(rows, args.size_mb, base / 1024)
     print(table)
     if args.write_results:
-        write_section(HERE / "RESULTS.md", table)
+        write_section(HERE / "RESULTS.md", SECTION, table)
 
 
 def report(rows, size_mb: int, base_mib: float) -> str:
@@ -135,18 +136,6 @@ def report(rows, size_mb: int, base_mib: float) -> str:
         "(memory figures do not).",
     ]
     return "\n".join(lines) + "\n"
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) the soup section of RESULTS.md, leaving other sections as they are."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = text.find(SECTION)
-    if start >= 0:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("\n" + text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
 
 
 if __name__ == "__main__":
