@@ -62,7 +62,7 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"--set {item!r}: expected key.path=value (e.g. sweep.replicates=2)")
-    value = _override_value(raw.strip())
+    value = parse_value(raw.strip())
     *parents, last = key.split(".")
     node = data
     for i, part in enumerate(parents):
@@ -73,12 +73,13 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     node[last] = value
 
 
-def _override_value(raw: str) -> Any:
+def parse_value(raw: str) -> Any:
+    """A `key=value` flag's value: TOML (`3`, `[1, 2]`, `\"x\"`), a comma list of such values, or a bare string."""
     try:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         if "," in raw:
-            return [_override_value(part.strip()) for part in raw.split(",") if part.strip()]
+            return [parse_value(part.strip()) for part in raw.split(",") if part.strip()]
         return raw
 
 

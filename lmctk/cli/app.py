@@ -7,7 +7,6 @@ error (click's message and the usage line), 3 a negative verdict (used by comman
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ from typer._click.exceptions import ClickException  # noqa: E402
 
 from lmctk import __version__
 from lmctk.errors import ConfigError, LmctkError
+from lmctk.recipes import parse_value
 
 app = typer.Typer(
     name="lmctk",
@@ -55,23 +55,14 @@ SET_HELP = ("Override a recipe key, e.g. --set sweep.replicates=1 or --set sweep
 
 
 def parse_options(pairs: list[str], what: str) -> dict[str, Any]:
-    """Turn repeated `key=value` flags into a dict; values are JSON when they parse, lists on commas."""
+    """Turn repeated `key=value` flags into a dict; values read as `--set` reads them (`recipes.parse_value`)."""
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise ConfigError(f"{what}: '{pair}' is not key=value (e.g. {what} widths=64,64)")
-        out[key.strip()] = _parse_value(raw.strip())
+        out[key.strip()] = parse_value(raw.strip())
     return out
-
-
-def _parse_value(raw: str) -> Any:
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        if "," in raw:
-            return [_parse_value(p) for p in raw.split(",") if p]
-        return raw
 
 
 def parse_list(text: str, what: str, kind: type = int, example: str = "0,10,100") -> list[Any]:

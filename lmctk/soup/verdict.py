@@ -232,7 +232,8 @@ def _dots(a: State, b: State, keys: Sequence[str]) -> dict[str, float]:
     """<a, b> in float64 over the float `keys` ("all") and over those with 2+ dims ("matrices").
 
     Matrices only for the shared-init check: norm gains (all ones at init) and biases would make two
-    independent inits look alike.
+    independent inits look alike. Products in float64, not `metrics.dot`'s fp32: task-vector cosines
+    subtract these sums from each other, and fine-tunes differ from their base in the last fp32 digits.
     """
     out = {"all": 0.0, "matrices": 0.0}
     for k in keys:
