@@ -32,11 +32,11 @@ CHILD = """
 import json, sys, time
 from lmctk.basin.align import weight_matching
 from lmctk.basin.saved import PermutedView
-from lmctk.loading import meta_skeleton, read_state
+from lmctk.loading import unloaded_skeleton, read_state
 from lmctk.metrics import distances
 from lmctk.spec import spec_for
 a_dir, b_dir, memory = sys.argv[1:4]
-skeleton = meta_skeleton(a_dir); spec = spec_for(skeleton)
+skeleton = unloaded_skeleton(a_dir); spec = spec_for(skeleton)
 a, b = read_state(a_dir, skeleton, lazy=True), read_state(b_dir, skeleton, lazy=True)
 base = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))
 t0 = time.perf_counter()
@@ -58,14 +58,14 @@ def config(size: str, layers: int | None = None) -> transformers.Qwen2Config:
 def build_pair(root: Path, layers: int) -> tuple[Path, Path, dict]:
     """A (random init, bf16) and B = π(A) written tensor by tensor; returns the dirs and π⁻¹ (B → A)."""
     from lmctk.basin.saved import save_aligned
-    from lmctk.loading import meta_skeleton, read_state
+    from lmctk.loading import unloaded_skeleton, read_state
     from lmctk.spec import invert, random_perms, spec_for
 
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
     transformers.Qwen2ForCausalLM(config("1.5B", layers)).save_pretrained(root / "A")
     torch.set_default_dtype(torch.float32)
-    skeleton = meta_skeleton(root / "A")
+    skeleton = unloaded_skeleton(root / "A")
     spec = spec_for(skeleton)
     perms = random_perms(spec, torch.Generator().manual_seed(1))
     save_aligned(spec, read_state(root / "A", skeleton, lazy=True), perms, root / "B", source_dir=root / "A")

@@ -222,12 +222,6 @@ def load_model_state(path: str | Path, task: Task | None = None) -> tuple[nn.Mod
     return model, state, task
 
 
-def meta_skeleton(path: str | Path) -> nn.Module:
-    """The checkpoint's architecture on the meta device (no weights made): for key maps and specs of large models."""
-    with torch.device("meta"):
-        return _build_skeleton(path, None)
-
-
 def read_state(path: str | Path, model: nn.Module, *, lazy: bool = False, keys: KeyMap | None = None, **options: Any
                ) -> StateView:
     """The checkpoint at `path` under `model`'s state keys: the one reader for states that meet a model or a spec.

@@ -34,7 +34,7 @@ from lmctk.basin.saved import (
 )
 from lmctk.errors import ConfigError
 from lmctk.io import format_bytes, resolve_checkpoint, state_shapes
-from lmctk.loading import load_model_state, meta_skeleton, read_state, resolve_task
+from lmctk.loading import load_model_state, read_state, resolve_task, unloaded_skeleton
 from lmctk.metrics import distances
 from lmctk.render import line_plot, terminal_curve
 from lmctk.spec import spec_for
@@ -118,7 +118,7 @@ def align_checkpoints(
         raise ConfigError("--perms-only: give --out DIR or --perms FILE to write the permutations to")
     model, the_task = None, None
     if stream:
-        skeleton = meta_skeleton(a)
+        skeleton = unloaded_skeleton(a)
         spec = spec_for(skeleton)
         state_a, state_b = read_state(a, skeleton, lazy=True), read_state(b, skeleton, lazy=True)
     else:
@@ -171,7 +171,7 @@ def permute_checkpoint(checkpoint: str | Path, perms: str | Path, out: str | Pat
                        overwrite: bool = False) -> PermuteReport:
     """Apply permutations saved by `align` to another checkpoint of the same architecture (a later step
     of the run, a fine-tune of it) and write the result as an HF model dir, one tensor at a time."""
-    skeleton = meta_skeleton(checkpoint)
+    skeleton = unloaded_skeleton(checkpoint)
     spec = spec_for(skeleton)
     saved = load_perms(perms, spec)
     state = read_state(checkpoint, skeleton, lazy=True)  # tied aliases the file omits are read, and omitted again

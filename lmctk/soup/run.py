@@ -15,13 +15,17 @@ from typing import Any
 
 import torch
 
-from lmctk.errors import ConfigError
-from lmctk.io import load_state
+from lmctk.basin.align import apply, weight_matching
+from lmctk.errors import ConfigError, OutputExistsError
+from lmctk.io import KeyMap, load_state, stored_names
 from lmctk.io.lock import locked
+from lmctk.loading import resolve_task, task_of, unloaded_skeleton
 from lmctk.soup.core import GreedyResult, RunningSum, greedy_soup
+from lmctk.soup.evaluate import Scorer
 from lmctk.soup.plan import SoupPlan, plan_soup
 from lmctk.soup.recipe import SoupRecipe
 from lmctk.soup.write import model_card, stream_soup, write_soup
+from lmctk.spec import spec_for
 
 
 @dataclass
@@ -107,8 +111,6 @@ def soup_files(
         raise ConfigError("--out: where to write the soup (an HF model dir); or pass --dry-run")
     out = None if spec.out is None else Path(spec.out)
     if out is not None and out.exists() and not overwrite:
-        from lmctk.errors import OutputExistsError
-
         raise OutputExistsError(out)
     needs_task = spec.method == "greedy"
     if needs_task and recipe.task is None and _task_from_runs(paths) is None:
@@ -117,9 +119,7 @@ def soup_files(
         _align_spec(Path(spec.align_to))  # fails early (and in dry runs) for an architecture without a spec
     if dry_run:
         if recipe.task is not None:  # an unknown task or option is a problem a dry run must catch
-            from lmctk.loading import resolve_task
-
-            resolve_task(recipe.task.name, recipe.task.options, paths)
+                    resolve_task(recipe.task.name, recipe.task.options, paths)
         return SoupResult(plan, out, list(range(len(paths))), dry_run=True)
     assert out is not None
     with locked(out):
@@ -162,15 +162,10 @@ def _cook(recipe: SoupRecipe, plan: SoupPlan, paths: list[Path], out: Path, *, r
 
 
 def _task_from_runs(paths: list[Path]):
-    from lmctk.loading import task_of
-
     return task_of(paths[0])
 
 
 def _scorer(recipe: SoupRecipe, paths: list[Path]):
-    from lmctk.loading import resolve_task
-    from lmctk.soup.evaluate import Scorer
-
     task_spec = recipe.task
     task = resolve_task(task_spec.name if task_spec else None, task_spec.options if task_spec else None, paths)
     return Scorer.for_checkpoint(paths[0], task, recipe.soup.metric)
@@ -186,10 +181,7 @@ def _loader(path: Path, align):
 
 def _align_spec(reference: Path | torch.nn.Module):
     """The permutation spec of the reference checkpoint's architecture (from its config, no weights read)."""
-    from lmctk.loading import meta_skeleton
-    from lmctk.spec import spec_for
-
-    return spec_for(reference if isinstance(reference, torch.nn.Module) else meta_skeleton(reference))
+    return spec_for(reference if isinstance(reference, torch.nn.Module) else unloaded_skeleton(reference))
 
 
 def _aligner(reference: str):
@@ -198,12 +190,8 @@ def _aligner(reference: str):
     The permutations are memoised per resolved path: re-loading an ingredient (greedy scoring, trials,
     the write) only re-applies them.
     """
-    from lmctk.basin.align import apply, weight_matching
-    from lmctk.io import KeyMap, stored_names
-    from lmctk.loading import meta_skeleton
-
     ref_path = Path(reference).resolve()
-    skeleton = meta_skeleton(ref_path)
+    skeleton = unloaded_skeleton(ref_path)
     spec, keys = _align_spec(skeleton), KeyMap.of(skeleton)
     ref_state = {k: v.float() for k, v in keys.view(load_state(ref_path)).items()}
     perms: dict[Path, Any] = {}
