@@ -24,13 +24,17 @@ from pathlib import Path
 import torch
 import transformers
 
-QWEN = {"1.5B": {"hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
+QWEN = {"0.5B": {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+                 "intermediate_size": 4864, "vocab_size": 151936},
+        "1.5B": {"hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
                  "intermediate_size": 8960, "vocab_size": 151936},
         "7B": {"hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
                "intermediate_size": 18944, "vocab_size": 152064}}
 CHILD = """
 import json, sys, time
 from lmctk.basin.align import weight_matching
+from lmctk.io import return_freed_buffers
+return_freed_buffers()  # as the CLI does
 from lmctk.basin.saved import PermutedView
 from lmctk.loading import unloaded_skeleton, read_state
 from lmctk.metrics import distances
@@ -49,26 +53,29 @@ json.dump({"base": base, "sweep": sweep, "similarity": m.similarity_seconds, "la
 """
 
 
-def config(size: str, layers: int | None = None) -> transformers.Qwen2Config:
+def config(size: str, layers: int | None = None, dtype: torch.dtype = torch.bfloat16) -> transformers.Qwen2Config:
     options = {**QWEN[size], **({"num_hidden_layers": layers} if layers else {})}
-    return transformers.Qwen2Config(**options, tie_word_embeddings=True, torch_dtype="bfloat16",
+    return transformers.Qwen2Config(**options, tie_word_embeddings=True, torch_dtype=str(dtype).removeprefix("torch."),
                                     architectures=["Qwen2ForCausalLM"])
 
 
-def build_pair(root: Path, layers: int) -> tuple[Path, Path, dict]:
-    """A (random init, bf16) and B = π(A) written tensor by tensor; returns the dirs and π⁻¹ (B → A)."""
-    from lmctk.basin.saved import save_aligned
-    from lmctk.loading import unloaded_skeleton, read_state
+def build_pair(root: Path, layers: int | None, size: str = "1.5B", dtype: torch.dtype = torch.bfloat16
+               ) -> tuple[Path, Path, dict]:
+    """A (random init, saved by `save_pretrained` in `dtype`) and B = π(A) written tensor by tensor; returns the
+    dirs and π⁻¹ (B → A)."""
+    from lmctk.basin.saved import PermutedView, save_aligned
+    from lmctk.loading import read_state, unloaded_skeleton
     from lmctk.spec import invert, random_perms, spec_for
 
     torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    transformers.Qwen2ForCausalLM(config("1.5B", layers)).save_pretrained(root / "A")
+    torch.set_default_dtype(dtype)
+    transformers.Qwen2ForCausalLM(config(size, layers, dtype)).save_pretrained(root / "A")
     torch.set_default_dtype(torch.float32)
     skeleton = unloaded_skeleton(root / "A")
     spec = spec_for(skeleton)
     perms = random_perms(spec, torch.Generator().manual_seed(1))
-    save_aligned(spec, read_state(root / "A", skeleton, lazy=True), perms, root / "B", source_dir=root / "A")
+    source = read_state(root / "A", skeleton, lazy=True)
+    save_aligned(spec, PermutedView(spec, source, perms), perms, root / "B", source_dir=root / "A")
     return root / "A", root / "B", {g: p.tolist() for g, p in invert(perms, spec).items()}
 
 

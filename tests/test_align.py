@@ -187,6 +187,26 @@ def test_a_tight_memory_budget_splits_rounds_but_finds_the_same_permutations(tmp
         weight_matching(spec, a, b, memory=least - 1)
 
 
+def test_the_plan_counts_what_each_mode_holds():
+    """Held states count only the permuted copy (read from disk: A, B and π(B)); GPT-2's fused q|k|v is gathered
+    into one more copy; a CPU solver's chunk caps a sub-batch however large the budget, and a GPU's does not."""
+    model = build_model("gpt2", TEXT, layers=3, hidden=48, heads=3)
+    spec = spec_for(model)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    sizes = dict.fromkeys(shapes, 4)
+    lazy, held = plan_memory(spec, shapes, sizes, "1TB"), plan_memory(spec, shapes, sizes, "1TB", lazy=False)
+    largest = max(4 * torch.Size(s).numel() for k, s in shapes.items() if k in spec.axes)
+    assert lazy.read - held.read == 2 * largest
+    fused = next(k for k in spec.axes if k.endswith("c_attn.weight"))
+    entries = torch.Size(shapes[fused]).numel()
+    head_dim = 48 // 3  # the within-head groups read c_attn: A, B, π(B), the gathered slices and two fp32 chunks
+    assert lazy.fixed[head_dim] == (3 + 1) * 4 * entries + 2 * 4 * entries
+    mlp = [g for g in spec.groups if g.startswith("mlp")]
+    assert len(mlp) == 3 and len(held.batches(mlp)) == 1  # no chunk given: the budget alone decides
+    capped = plan_memory(spec, shapes, sizes, "1TB", lazy=False, solver_chunk=held.matrices[mlp[0]] // 4 * 2)
+    assert [len(b) for b in capped.batches(mlp)] == [2, 1] and capped.peak < held.peak
+
+
 def test_lazy_state_keeps_files_open_and_checks_each_tensor_once(tmp_path, monkeypatch):
     save_state({"w": torch.randn(3, 4, dtype=torch.bfloat16), "b": torch.ones(2)}, tmp_path / "s.safetensors")
     state = LazyState(tmp_path / "s.safetensors")

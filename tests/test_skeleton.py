@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from lmctk.errors import ConfigError
-from lmctk.loading import checkpoint_skeleton, check_task_fits, load_model_state, resolve_task
+from lmctk.loading import (
+    check_task_fits,
+    checkpoint_skeleton,
+    load_model_state,
+    resolve_task,
+)
 from lmctk.tasks import get_task
 
 

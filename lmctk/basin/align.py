@@ -30,7 +30,7 @@ from lmctk.basin.budget import (
 from lmctk.basin.heads import gathered, head_step
 from lmctk.basin.match import MatchResult
 from lmctk.errors import ConfigError
-from lmctk.io import assert_same_shapes, state_device, state_shapes
+from lmctk.io import assert_same_shapes, is_lazy, state_device, state_shapes
 from lmctk.metrics import dot
 from lmctk.spec.core import (
     Perms,
@@ -293,7 +293,7 @@ def weight_matching(
     device: str | torch.device | None = None,
     skip_unchanged: bool = True,
     progress: Callable[[int, int | None], None] | None = None,
-    memory: int | str | None = None,
+    memory: int | str | MemoryPlan | None = None,
 ) -> MatchResult:
     """Permutations of B's groups that maximise Σ <A, π(B)> (Ainsworth et al. 2023, weight matching).
 
@@ -303,8 +303,8 @@ def weight_matching(
     A spec with per-head groups starts (without `init`) from the shared-within-head optimum, so its
     objective is never below the coarser spec's; head order and within-head orders move jointly.
     `progress(sweeps, None)` is called after every sweep (the number of sweeps is not known ahead).
-    `memory` (bytes or "8GB") splits rounds so that the working set fits (see `budget`); the plan is in
-    the result. None: no limit.
+    `memory` (bytes or "8GB", or a `plan_for` these states) splits rounds so that the working set fits (see
+    `budget`); the plan is in the result. None: no limit.
     """
     if max_iter < 1:
         raise ConfigError(f"max_iter: must be at least 1, got {max_iter}")
@@ -316,8 +316,9 @@ def weight_matching(
     coarse = None
     if init is None and spec.blocks:  # per-head groups start from the shared-within-head optimum
         init, coarse = _shared_start(spec, a, b, max_iter=max_iter, seed=seed, tol=tol, lap_backend=lap_backend,
-                                     device=device, skip_unchanged=skip_unchanged, memory=memory)
-    plan = None if memory is None else plan_memory(spec, shapes, _itemsizes(a), memory)
+                                     device=device, skip_unchanged=skip_unchanged,
+                                     memory=memory.budget if isinstance(memory, MemoryPlan) else memory)
+    plan = memory if memory is None or isinstance(memory, MemoryPlan) else plan_for(spec, a, b, memory, device)
     a, b = _On(a, device), _On(b, device)
     perms = {g: p.to(device) for g, p in (init or identity_perms(spec)).items()}
     rng = random.Random(seed)
@@ -349,6 +350,15 @@ def weight_matching(
         sweep_seconds=seconds,
         memory=plan.to_dict() if plan is not None else None,
     )
+
+
+def plan_for(spec: PermutationSpec, a: State, b: State, memory: int | str | None,
+             device: str | torch.device | None = None) -> MemoryPlan:
+    """The memory plan `weight_matching` follows for these states (held, or read from disk) with its
+    similarities on `device` (default: the states'), within `memory` (None: `default_budget()`)."""
+    device = torch.device(device) if device is not None else state_device(a)
+    return plan_memory(spec, state_shapes(a), _itemsizes(a), memory, lazy=is_lazy(a) or is_lazy(b),
+                       solver_chunk=lap.LAP_CHUNK_ENTRIES if device.type == "cpu" else None)
 
 
 def _itemsizes(state: State) -> dict[str, int]:

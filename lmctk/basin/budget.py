@@ -22,7 +22,7 @@ from lmctk.basin.lap import LAP_CHUNK_ENTRIES
 from lmctk.errors import ConfigError
 from lmctk.io import format_bytes, parse_size
 from lmctk.metrics import CHUNK, fp32_chunks
-from lmctk.spec.core import PermutationSpec
+from lmctk.spec.core import PermutationSpec, group_slices, is_identity
 
 
 @contextmanager
@@ -52,8 +52,9 @@ def thread_count(spec: PermutationSpec, shapes: Mapping[str, tuple[int, ...]], u
     return 1 if small else torch.get_num_threads()
 
 
-# Copies of a tensor alive while a term or distance reads it: A, B and π(B); plus the fp32 chunks. (A group
-# taking part of a fused tensor, e.g. GPT-2's c_attn, gathers one more copy, which is not planned for.)
+# Copies of a tensor alive while a term or distance reads it from disk: A, B and π(B); plus the fp32 chunks.
+# States held in memory already count A and B, so only the permuted copy is new. A group taking part of a
+# fused tensor (GPT-2's c_attn: q|k|v) gathers its slices into one more copy.
 READ_COPIES = 3
 
 
@@ -61,7 +62,9 @@ READ_COPIES = 3
 class MemoryPlan:
     """Bytes weight matching will hold: `read` (the largest tensor's term or distance, no similarity held),
     per group size `fixed` (the LAP's float64 chunk or the group's largest term, whichever is more)
-    and per group its similarity matrices; `peak` is the most held at once."""
+    and per group its similarity matrices; `peak` is the most held at once. `solver_chunk`: the most
+    LAP entries one solver step takes (CPU solvers convert that many to float64 at a time), so a sub-batch
+    holds no more than that (or one group): a larger one would wait in memory without being solved sooner."""
 
     budget: int
     read: int
@@ -69,10 +72,13 @@ class MemoryPlan:
     matrices: dict[str, int]
     sizes: dict[str, int]
     peak: int
+    solver_chunk: int | None = None
 
     def batches(self, groups: list[str]) -> list[list[str]]:
         """`groups` (independent, of one size) split in order into sub-batches whose matrices fit the budget."""
         room = self.budget - self.fixed[self.sizes[groups[0]]]
+        if self.solver_chunk is not None:
+            room = min(room, 4 * self.solver_chunk)
         out: list[list[str]] = []
         held = 0
         for g in groups:
@@ -99,15 +105,25 @@ def default_budget() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
 
 
+def _gathers(spec: PermutationSpec, key: str, axis: int, group: str) -> bool:
+    """Whether reading `group`'s slices of `key` along `axis` copies them (part of a fused axis)."""
+    layout = spec.axes[key][axis]
+    return not is_identity(group_slices(layout, spec.groups, group, spec.blocks).reshape(-1))
+
+
 def plan_memory(spec: PermutationSpec, shapes: Mapping[str, tuple[int, ...]], itemsizes: Mapping[str, int],
-                budget: int | str | None = None) -> MemoryPlan:
+                budget: int | str | None = None, *, lazy: bool = True, solver_chunk: int | None = None) -> MemoryPlan:
     """The plan for aligning states of these shapes and element sizes within `budget` (bytes or "8GB";
-    None: `default_budget()`); raises ConfigError naming the least budget when one group cannot fit."""
+    None: `default_budget()`); raises ConfigError naming the least budget when one group cannot fit.
+    `lazy`: the states are read from disk as needed (else held: their tensors are not counted again).
+    `solver_chunk`: LAP entries per solver step (CPU), which caps a sub-batch (see `MemoryPlan`)."""
     limit = default_budget() if budget is None else parse_size(budget, "--memory")
     users = spec.users()
-    def reading(keys) -> int:
-        return max((READ_COPIES * math.prod(shapes[k]) * itemsizes[k] + 2 * 4 * min(math.prod(shapes[k]), CHUNK)
-                    for k in keys if k in shapes), default=0)
+    copies = READ_COPIES if lazy else 1
+
+    def reading(terms) -> int:
+        return max(((copies + gather) * math.prod(shapes[k]) * itemsizes[k] + 2 * 4 * min(math.prod(shapes[k]), CHUNK)
+                    for k, gather in terms if k in shapes), default=0)
 
     heads = set(spec.blocks.values())
     sizes = {g: n for g, n in spec.groups.items() if users[g] and g not in heads}
@@ -116,18 +132,19 @@ def plan_memory(spec: PermutationSpec, shapes: Mapping[str, tuple[int, ...]], it
     for n in set(sizes.values()):
         same = [g for g in sizes if sizes[g] == n]
         entries = sum(matrices[g] for g in same) // 4
-        fixed[n] = max(8 * max(n * n, min(LAP_CHUNK_ENTRIES, entries)), reading(k for g in same for k, _ in users[g]))
-    read = reading(spec.axes)
+        terms = [(k, _gathers(spec, k, axis, g)) for g in same for k, axis in users[g]]
+        fixed[n] = max(8 * max(n * n, min(LAP_CHUNK_ENTRIES, entries)), reading(terms))
+    read = reading((k, False) for k in spec.axes)
     floor = max([read] + [fixed[sizes[g]] + matrices[g] for g in sizes])
     if floor > limit:
         raise ConfigError(f"--memory: {format_bytes(limit)} is below the {format_bytes(floor)} this model needs "
                           f"(its largest tensor and similarity matrix); give --memory {math.ceil(floor / 1e9)}GB or more")
-    plan = MemoryPlan(limit, read, fixed, matrices, sizes, 0)
+    plan = MemoryPlan(limit, read, fixed, matrices, sizes, 0, solver_chunk)
     peak = read
     for n in set(sizes.values()):
         same = sorted((g for g in sizes if sizes[g] == n), key=matrices.get, reverse=True)
         peak = max(peak, fixed[n] + max(sum(matrices[g] for g in batch) for batch in plan.batches(same)))
-    return MemoryPlan(limit, read, fixed, matrices, sizes, peak)
+    return MemoryPlan(limit, read, fixed, matrices, sizes, peak, solver_chunk)
 
 
 def accumulate(S: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -16,14 +16,13 @@ import torch
 from torch import nn
 
 from lmctk.basin.activation import activation_matching
-from lmctk.basin.align import apply, weight_matching
+from lmctk.basin.align import State, plan_for, weight_matching
 from lmctk.basin.barrier import (
     DEFINITIONS,
     BarrierResult,
     barrier_matrix,
     barrier_sweep,
 )
-from lmctk.basin.budget import default_budget
 from lmctk.basin.match import MatchResult
 from lmctk.basin.saved import (
     PERMS_NAME,
@@ -38,7 +37,8 @@ from lmctk.loading import load_model_state, read_state, resolve_task, unloaded_s
 from lmctk.metrics import distances
 from lmctk.render import line_plot, terminal_curve
 from lmctk.spec import spec_for
-from lmctk.spec.preservation import output_difference
+from lmctk.spec.core import Perms, PermutationSpec, permute_in_place
+from lmctk.spec.preservation import example_inputs, model_outputs, relative_difference
 from lmctk.train import resolve_device
 
 MATCHING = ("weight", "activation")
@@ -82,6 +82,15 @@ class AlignReport:
         return Group(self.match, table, *[Text(line) for line in lines])
 
 
+def permute_checked(model: nn.Module, spec: PermutationSpec, state: State, perms: Perms) -> float:
+    """Permute `state` (B, in memory) into π(B) in place, no second copy; returns the max relative output
+    difference of π(B) vs B on a small random batch (≈ 0: the permutation kept the function)."""
+    inputs = example_inputs(model, torch.Generator().manual_seed(0))
+    reference = model_outputs(model, dict(state), inputs)
+    permute_in_place(state, spec, perms)
+    return relative_difference(reference, model_outputs(model, dict(state), inputs))
+
+
 def align_checkpoints(
     a: str | Path,
     b: str | Path,
@@ -101,6 +110,7 @@ def align_checkpoints(
     overwrite: bool = False,
     progress: Callable[[int, int | None], None] | None = None,
     memory: int | str | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> AlignReport:
     """Align checkpoint B to checkpoint A; with `out`, write π(B) there as an HF model dir (with its
     permutations file); `perms` also writes the permutations to that file; `perms_only` writes no model.
@@ -108,7 +118,8 @@ def align_checkpoints(
     `stream` reads both checkpoints tensor by tensor (weight matching only), so neither is held whole.
     `device` runs weight matching's similarity matmuls there (the states stay where they are).
     `progress(sweeps, None)` is called after every matching sweep.
-    `memory` (bytes or "8GB"; default: half the memory available) bounds weight matching's working set.
+    `memory` (bytes or "8GB"; default: half the memory available) bounds weight matching's working set;
+    `log(line)` gets its plan (the peak it will hold) before the first sweep.
     """
     if method not in MATCHING:
         raise ConfigError(f"--method: unknown {method!r}; choose one of {', '.join(MATCHING)}")
@@ -127,18 +138,23 @@ def align_checkpoints(
         state_b = read_state(b, model)
         spec = spec_for(model)
     if method == "weight":
+        plan = plan_for(spec, state_a, state_b, memory, resolve_device(device))
+        if log is not None:
+            log(f"weight matching's working set: at most {format_bytes(plan.peak)} "
+                f"(budget {format_bytes(plan.budget)}; largest similarity matrix "
+                f"{format_bytes(max(plan.matrices.values(), default=0))})")
         match = weight_matching(spec, state_a, state_b, max_iter=max_iter, seed=seed, lap_backend=lap_backend,
-                                device=resolve_device(device), progress=progress,
-                                memory=default_budget() if memory is None else memory)
+                                device=resolve_device(device), progress=progress, memory=plan)
     else:
         match = activation_matching(model, spec, state_a, state_b, the_task, max_batches=max_batches,
                                     seed=seed, lap_backend=lap_backend, progress=progress)
-    aligned = apply(spec, state_b, match) if not stream else PermutedView(spec, state_b, match.perms)
     keys = [k for k in spec.axes if k not in spec.buffers] + spec.unpermuted(state_a.keys())
-    report = AlignReport(match, distances(state_a, state_b, keys), distances(state_a, aligned, keys),
-                         output_difference(model, dict(state_b), aligned) if model is not None else None)
+    before = distances(state_a, state_b, keys)
+    check = None if stream else permute_checked(model, spec, state_b, match.perms)
+    aligned = state_b if not stream else PermutedView(spec, state_b, match.perms)
+    report = AlignReport(match, before, distances(state_a, aligned, keys), check)
     if out is not None and not perms_only:
-        report.written.append(save_aligned(spec, state_b, match, out, source_dir=resolve_checkpoint(b),
+        report.written.append(save_aligned(spec, aligned, match, out, source_dir=resolve_checkpoint(b),
                                            overwrite=overwrite))
     targets = [Path(out) / PERMS_NAME] if out is not None and perms_only else []
     for file in targets + ([Path(perms)] if perms is not None else []):
@@ -176,7 +192,8 @@ def permute_checkpoint(checkpoint: str | Path, perms: str | Path, out: str | Pat
     saved = load_perms(perms, spec)
     state = read_state(checkpoint, skeleton, lazy=True)  # tied aliases the file omits are read, and omitted again
     spec.validate(state_shapes(state))
-    written = save_aligned(spec, state, saved, out, source_dir=resolve_checkpoint(checkpoint), overwrite=overwrite)
+    written = save_aligned(spec, PermutedView(spec, state, saved), saved, out, source_dir=resolve_checkpoint(checkpoint),
+                           overwrite=overwrite)
     moved = {g: int((p != torch.arange(p.shape[-1])).sum()) for g, p in saved.items()}
     return PermuteReport(Path(checkpoint), Path(perms), written, moved)
 

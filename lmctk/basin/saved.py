@@ -22,6 +22,7 @@ from lmctk.io import (
     TensorSlot,
     inspect_checkpoint,
     load_state,
+    state_device,
     state_shapes,
     stored_names,
     stream_hf_dir,
@@ -74,7 +75,7 @@ def load_perms(path: str | Path, spec: PermutationSpec) -> Perms:
 
 def save_aligned(
     spec: PermutationSpec,
-    b: State,
+    aligned: State,
     perms: MatchResult | Perms,
     out_dir: str | Path,
     *,
@@ -82,19 +83,18 @@ def save_aligned(
     shard_size: int | str = "2GB",
     overwrite: bool = False,
 ) -> Path:
-    """Write π(B) as an HF model dir, one tensor at a time (B may be a LazyState or a view of one), with
-    B's `config.json` and tokenizer files copied from `source_dir` and the permutations beside it.
-    Tensors keep B's stored names; tied aliases B's checkpoint omits are omitted again
-    (`io.keys.stored_names`)."""
+    """Write π(B) (`aligned`: B permuted in place, or a `PermutedView` of a LazyState) as an HF model dir,
+    one tensor at a time, with `perms` in its permutations file and B's `config.json` and tokenizer files
+    copied from `source_dir`. Tensors keep B's stored names; tied aliases B's checkpoint omits are omitted
+    again (`io.keys.stored_names`)."""
     perms = perms.perms if isinstance(perms, MatchResult) else perms
-    shapes, names = state_shapes(b), stored_names(b)
-    dtypes = b.dtypes if hasattr(b, "dtypes") else {k: b[k].dtype for k in names}
+    shapes, names = state_shapes(aligned), stored_names(aligned)
+    dtypes = aligned.dtypes if hasattr(aligned, "dtypes") else {k: aligned[k].dtype for k in names}
     slots = [TensorSlot(stored, tuple(shapes[key]), dtypes[key]) for key, stored in names.items()]
     key_of = {stored: key for key, stored in names.items()}
     files = {f.name: f.read_bytes() for f in side_files(Path(source_dir))} if source_dir else {}
     files[PERMS_NAME] = perms_bytes(spec, perms)
-    view = PermutedView(spec, b, perms)
-    return stream_hf_dir(out_dir, slots, lambda name: view[key_of[name]].contiguous(), shard_size=shard_size,
+    return stream_hf_dir(out_dir, slots, lambda name: aligned[key_of[name]].contiguous(), shard_size=shard_size,
                          files=files, overwrite=overwrite)
 
 
@@ -115,3 +115,20 @@ class PermutedView(Mapping):
 
     def __len__(self) -> int:
         return len(self.state)
+
+    @property
+    def stored(self) -> dict[str, str]:
+        return stored_names(self.state)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return state_shapes(self.state)
+
+    @property
+    def dtypes(self) -> dict[str, torch.dtype]:
+        dtypes = getattr(self.state, "dtypes", None)
+        return dict(dtypes) if dtypes is not None else {k: v.dtype for k, v in self.state.items()}
+
+    @property
+    def device(self) -> torch.device:
+        return state_device(self.state)

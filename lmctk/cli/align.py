@@ -51,7 +51,7 @@ def align(
                                    stream=stream, max_iter=max_iter, seed=seed, lap_backend=lap_backend,
                                    device=device, max_batches=max_batches, out=out, perms=perms,
                                    perms_only=perms_only, overwrite=overwrite, memory=memory,
-                                   progress=bar.update)
+                                   progress=bar.update, log=bar.log)
     console.print(report)
     if json_out is not None:
         write_json(json_out, report.to_dict(), overwrite)

@@ -21,6 +21,7 @@ from typer._click.exceptions import ClickException  # noqa: E402
 
 from lmctk import __version__
 from lmctk.errors import ConfigError, LmctkError
+from lmctk.io import return_freed_buffers
 from lmctk.recipes import parse_value
 
 app = typer.Typer(
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     _debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
     _quiet_transformers()
+    return_freed_buffers()  # memory budgets (align --memory, streamed soups) must not drift with heap fragments
     try:
         code = _command().main(args=args, prog_name="lmctk", standalone_mode=False)  # typer.Exit(n) inside a command returns n
     except LmctkError as e:

@@ -101,8 +101,10 @@ class StateView(Mapping[str, torch.Tensor]):
 
 
 def stored_names(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """Model key -> stored name of every tensor a checkpoint of `state` stores (a plain state: itself)."""
-    return dict(state.stored) if isinstance(state, StateView) else {k: k for k in state}
+    """Model key -> stored name of every tensor a checkpoint of `state` stores (a plain state: itself;
+    a view of a StateView, such as a permuted one, exposes its `stored`)."""
+    stored = getattr(state, "stored", None)
+    return dict(stored) if isinstance(stored, Mapping) else {k: k for k in state}
 
 
 def _renames(model: nn.Module) -> tuple[tuple[str, str], ...]:

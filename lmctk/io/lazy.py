@@ -15,11 +15,11 @@ from typing import Any, BinaryIO
 
 import torch
 
-from lmctk.io.header import corrupt, read_header
+from lmctk.io.header import read_header
 from lmctk.io.info import TensorInfo
 from lmctk.io.inspect import inspect_checkpoint
 from lmctk.io.layout import locate, resolve_checkpoint
-from lmctk.io.read import require_finite
+from lmctk.io.read import read_tensor, require_finite
 from lmctk.io.torchfile import load_torch_state
 
 
@@ -56,19 +56,7 @@ class TensorReader:
         handle, entries = self._open[file]
         if name not in entries:
             raise self.layout.absent(file, [name])
-        return _read_into(handle, entries[name])
-
-
-def _read_into(handle: BinaryIO, entry: TensorInfo) -> torch.Tensor:
-    """The tensor `entry` describes, its bytes read from `handle` into a new tensor (one copy)."""
-    raw = torch.empty(entry.nbytes, dtype=torch.uint8)
-    view, done = memoryview(raw.numpy()), 0
-    while done < entry.nbytes:
-        got = os.preadv(handle.fileno(), [view[done:]], entry.offset + done)
-        if got <= 0:
-            raise corrupt(entry.file, f"tensor {entry.name} ends past the end of the file (truncated)")
-        done += got
-    return raw.view(getattr(torch, entry.dtype)).reshape(entry.shape)
+        return read_tensor(handle, entries[name])
 
 
 class LazyState(Mapping[str, torch.Tensor]):
@@ -108,6 +96,13 @@ def state_shapes(state: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     if isinstance(getattr(state, "shapes", None), Mapping):
         return dict(state.shapes)
     return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def is_lazy(state: Mapping[str, Any]) -> bool:
+    """Whether a state reads its tensors from disk on access (a LazyState, or a view of one)."""
+    while not isinstance(state, LazyState) and isinstance(getattr(state, "state", None), Mapping):
+        state = state.state
+    return isinstance(state, LazyState)
 
 
 def state_device(state: Mapping[str, Any]) -> torch.device:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from lmctk.errors import ConfigError, NonFiniteError
 from lmctk.io.header import corrupt, read_header
+from lmctk.io.info import TensorInfo
 from lmctk.io.layout import locate
 from lmctk.io.torchfile import load_torch_state
 
@@ -45,13 +46,23 @@ def load_state(
 
 
 def _read_safetensors(file: Path, names: list[str] | None) -> dict[str, torch.Tensor]:
-    declared = {t.name: t for t in read_header(file)[0]}  # our checks (and messages) before the Rust reader's
+    declared = {t.name: t for t in read_header(file)[0]}  # checked: offsets inside the file, spans match shapes
     wanted = list(declared) if names is None else [n for n in names if n in declared]
-    try:
-        with safe_open(file, framework="pt") as f:
-            return {name: f.get_tensor(name) for name in wanted}
-    except SafetensorError as exc:
-        raise corrupt(file, f"safetensors cannot read it ({exc})") from exc
+    with open(file, "rb") as handle:
+        return {name: read_tensor(handle, declared[name]) for name in wanted}
+
+
+def read_tensor(handle: BinaryIO, entry: TensorInfo) -> torch.Tensor:
+    """The tensor `entry` describes, its bytes read from `handle` into a new tensor: one copy, no memory map, so
+    the pages of tensors read earlier never count as resident (a mapped file's touched pages do)."""
+    raw = torch.empty(entry.nbytes, dtype=torch.uint8)
+    view, done = memoryview(raw.numpy()), 0
+    while done < entry.nbytes:
+        got = os.preadv(handle.fileno(), [view[done:]], entry.offset + done)
+        if got <= 0:
+            raise corrupt(entry.file, f"tensor {entry.name} ends past the end of the file (truncated)")
+        done += got
+    return raw.view(getattr(torch, entry.dtype)).reshape(entry.shape)
 
 
 def _read_torch(file: Path, names: list[str] | None) -> dict[str, torch.Tensor]:

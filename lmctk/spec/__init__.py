@@ -12,6 +12,7 @@ from lmctk.spec.core import (
     Prod,
     identity_perms,
     invert,
+    permute_in_place,
     permute_state,
     random_perms,
     spec_hash,
@@ -20,6 +21,6 @@ from lmctk.spec.preservation import check
 from lmctk.spec.registry import register, spec_for
 
 __all__ = [
-    "Cat", "Fixed", "PermutationSpec", "Prod", "check", "identity_perms", "invert", "permute_state",
+    "Cat", "Fixed", "PermutationSpec", "Prod", "check", "identity_perms", "invert", "permute_in_place", "permute_state",
     "random_perms", "register", "spec_for", "spec_hash",
 ]

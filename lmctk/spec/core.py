@@ -29,6 +29,7 @@ from typing import Union
 import torch
 
 from lmctk.errors import ConfigError, KeyMismatchError, ShapeMismatchError
+from lmctk.metrics import CHUNK
 
 
 @dataclass(frozen=True)
@@ -257,6 +258,18 @@ def is_identity(index: torch.Tensor) -> bool:
     return bool(torch.equal(index.cpu(), torch.arange(index.numel())))
 
 
+def _cached_index(layout: Layout, groups: Mapping[str, int], perms: Mapping[str, torch.Tensor],
+                  cache: dict | None, blocks: Mapping[str, str]) -> torch.Tensor | None:
+    """`axis_index` of `layout`, or None where it is the identity; kept in `cache` (many tensors share a layout)."""
+    if cache is not None and layout in cache:
+        return cache[layout]
+    index = axis_index(layout, groups, perms, blocks)
+    index = None if is_identity(index) else index
+    if cache is not None:
+        cache[layout] = index
+    return index
+
+
 def permute_tensor(
     tensor: torch.Tensor, axes: Axes, groups: Mapping[str, int], perms: Mapping[str, torch.Tensor],
     cache: dict | None = None, blocks: Mapping[str, str] = NO_BLOCKS,
@@ -267,18 +280,41 @@ def permute_tensor(
     layout across the tensors of one call, since many tensors share a layout.
     """
     for axis, layout in enumerate(axes):
-        if layout is None:
-            continue
-        if cache is None or layout not in cache:
-            index = axis_index(layout, groups, perms, blocks)
-            index = None if is_identity(index) else index
-            if cache is not None:
-                cache[layout] = index
-        else:
-            index = cache[layout]
+        index = None if layout is None else _cached_index(layout, groups, perms, cache, blocks)
         if index is not None:
             tensor = tensor.index_select(axis, index.to(tensor.device))
     return tensor
+
+
+def _gather_in_place(tensor: torch.Tensor, axis: int, index: torch.Tensor) -> None:
+    """tensor[..., :, ...] = tensor.index_select(axis, index), a slab of about CHUNK elements at a time:
+    the slabs run along the tensor's longest other axis, which the gather does not mix."""
+    others = [d for d in range(tensor.dim()) if d != axis]
+    if not others:
+        tensor.copy_(tensor.index_select(axis, index))
+        return
+    along = max(others, key=lambda d: tensor.shape[d])
+    size = tensor.shape[along]
+    step = max(1, CHUNK * size // max(1, tensor.numel()))
+    for start in range(0, size, step):
+        slab = tensor.narrow(along, start, min(step, size - start))
+        slab.copy_(slab.index_select(axis, index))
+
+
+def permute_in_place(state: Mapping[str, torch.Tensor], spec: PermutationSpec, perms: Perms) -> None:
+    """Apply `perms` to `state`'s tensors in their own storage, so π(B) costs no second copy of B (scratch:
+    one slab of about CHUNK elements). A tensor seen under several keys (tied weights) is permuted once."""
+    cache: dict = {}
+    done: set[tuple[int, tuple[int, ...]]] = set()
+    for key, value in state.items():
+        axes = spec.layout_of(key)
+        if axes is None or (value.data_ptr(), tuple(value.shape)) in done:
+            continue
+        done.add((value.data_ptr(), tuple(value.shape)))
+        for axis, layout in enumerate(axes):
+            index = None if layout is None else _cached_index(layout, spec.groups, perms, cache, spec.blocks)
+            if index is not None:
+                _gather_in_place(value, axis, index.to(value.device))
 
 
 def permute_state(state: Mapping[str, torch.Tensor], spec: PermutationSpec, perms: Perms) -> dict[str, torch.Tensor]:

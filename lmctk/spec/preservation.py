@@ -51,6 +51,21 @@ def _outputs(model: nn.Module, state: dict[str, torch.Tensor], inputs: dict[str,
 
 
 @torch.no_grad()
+def model_outputs(model: nn.Module, state: dict[str, torch.Tensor], inputs: dict[str, Any]) -> torch.Tensor:
+    """The model's outputs (float64) with `state`'s tensors in it, in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        return _outputs(model, state, inputs)
+    finally:
+        model.train(was_training)
+
+
+def relative_difference(reference: torch.Tensor, y: torch.Tensor) -> float:
+    """max |reference - y| / max |reference|."""
+    return float((reference - y).abs().max() / reference.abs().max().clamp_min(1e-30))
+
+
 def output_difference(
     model: nn.Module, state: dict[str, torch.Tensor], other: dict[str, torch.Tensor],
     inputs: dict[str, Any] | None = None, seed: int = 0, unpermute: torch.Tensor | None = None,
@@ -59,17 +74,12 @@ def output_difference(
 
     `unpermute` re-orders the last axis of y(other) first (for outputs that carry a permuted group).
     """
-    was_training = model.training
-    model.eval()
-    try:
-        inputs = inputs if inputs is not None else example_inputs(model, torch.Generator().manual_seed(seed))
-        reference = _outputs(model, state, inputs)
-        y = _outputs(model, other, inputs)
-        if unpermute is not None:
-            y = y.index_select(-1, unpermute.to(y.device))
-        return float((reference - y).abs().max() / reference.abs().max().clamp_min(1e-30))
-    finally:
-        model.train(was_training)
+    inputs = inputs if inputs is not None else example_inputs(model, torch.Generator().manual_seed(seed))
+    reference = model_outputs(model, state, inputs)
+    y = model_outputs(model, other, inputs)
+    if unpermute is not None:
+        y = y.index_select(-1, unpermute.to(y.device))
+    return relative_difference(reference, y)
 
 
 @torch.no_grad()

@@ -17,6 +17,18 @@ from lmctk.train.trainer import (
 )
 
 __all__ = [
-    "TRAINER_FILE", "IsolatedRNG", "TrainConfig", "TrainResult", "Trainer", "deterministic", "fit", "init_model",
-    "load_run_model", "log_spaced_steps", "lr_at", "config_skeleton", "resolve_device", "step_batch",
+    "TRAINER_FILE",
+    "IsolatedRNG",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "config_skeleton",
+    "deterministic",
+    "fit",
+    "init_model",
+    "load_run_model",
+    "log_spaced_steps",
+    "lr_at",
+    "resolve_device",
+    "step_batch",
 ]
