@@ -36,7 +36,7 @@ elif mode == "loaded":
     model, state_a, _ = load_model_state(a, None)
     state_b = dict(read_state(b, model))
 elif mode == "align":
-    code = main(["align", a, b, "--max-iter", iters, "--out", out, "--quiet"])
+    code = main(["align", a, b, "--max-iter", iters, "--out", out, "--quiet", "--overwrite"])
     assert code == 0, code
 print(hwm())
 """
@@ -65,7 +65,9 @@ def main() -> None:
     for name in args.dtype or ["bfloat16"]:
         where = root / name
         where.mkdir(parents=True, exist_ok=True)
-        a, b, _ = build_pair(where, args.layers, "0.5B", getattr(torch, name))
+        a, b = where / "A", where / "B"
+        if not (b / "config.json").exists():  # a pair left by an earlier run with --dir is reused
+            build_pair(where, args.layers, "0.5B", getattr(torch, name))
         size = sum(f.stat().st_size for f in a.glob("*.safetensors"))
         imports = peak("imports", a, b, where / "out", args.max_iter)
         rows = {"A and B loaded (baseline)": peak("loaded", a, b, where / "out", args.max_iter),

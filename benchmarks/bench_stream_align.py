@@ -1,13 +1,15 @@
-"""Streamed weight matching of a Qwen2.5-1.5B-shaped bf16 pair under a memory budget, extrapolated to Qwen2.5-7B.
+"""Streamed weight matching of a Qwen2.5-shaped bf16 pair under a memory budget, extrapolated to Qwen2.5-7B.
 
-    .venv/bin/python benchmarks/bench_stream_align.py --layers 4 --memory 4GB --memory 2.5GB
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_stream_align.py --memory 4GB --memory none
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_stream_align.py --size 7B --layers 2 --memory 8GB
 
-Builds A (random init, hand-typed Qwen2.5-1.5B config, `--layers` of its 28 blocks, full vocab) and
-B = π(A) for random π, both bf16 safetensors dirs; then, per budget, streams `align` in a fresh
-subprocess: peak RSS (ru_maxrss) against the baseline after imports and the planned peak, time per
-sweep split into read / similarity / LAP, and whether π was recovered. From the measured costs (seconds
-per similarity multiply-add, per LAP n³ and per byte read) it extrapolates a sweep of the full 1.5B
-and of Qwen2.5-7B, whose peaks come from the same planner run on the 7B shapes (meta device).
+Builds A (random init of a hand-typed Qwen2.5 config, `--size` 0.5B / 1.5B / 7B, `--layers` of its blocks,
+full vocab) and B = π(A) for random π, both bf16 safetensors dirs; then, per budget (`none`: no plan, every
+round in one batch), streams `align` in a fresh subprocess: peak RSS (ru_maxrss) against the baseline after
+imports and the planned peak, time per sweep split into read / similarity / LAP, and whether π was
+recovered. From the measured costs (seconds per similarity multiply-add, per LAP n³ and per byte read) it
+extrapolates a sweep of the full 1.5B and of Qwen2.5-7B, whose peaks come from the same planner run on the
+full shapes (meta device).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from lmctk.loading import unloaded_skeleton, read_state
 from lmctk.metrics import distances
 from lmctk.spec import spec_for
 a_dir, b_dir, memory = sys.argv[1:4]
+memory = None if memory == "none" else memory
 skeleton = unloaded_skeleton(a_dir); spec = spec_for(skeleton)
 a, b = read_state(a_dir, skeleton, lazy=True), read_state(b_dir, skeleton, lazy=True)
 base = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS"))
@@ -109,26 +112,31 @@ def costs(size: str, layers: int | None = None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=28, help="blocks of the 1.5B built and measured (of 28)")
-    parser.add_argument("--memory", action="append", default=[], help="budgets to measure (repeatable)")
+    parser.add_argument("--size", choices=sorted(QWEN), default="1.5B", help="the Qwen2.5 shape built and measured")
+    parser.add_argument("--layers", type=int, default=None, help="blocks built and measured (default: all)")
+    parser.add_argument("--memory", action="append", default=[],
+                        help="budgets to measure (repeatable); `none`: no budget, every round solved in one batch")
     parser.add_argument("--dir", type=Path, default=None, help="where to write the pair (default: a temp dir)")
     args = parser.parse_args()
     from lmctk.basin.budget import plan_memory
+    from lmctk.basin.lap import LAP_CHUNK_ENTRIES
     from lmctk.errors import ConfigError
     from lmctk.io import format_bytes
 
     root = args.dir or Path(tempfile.mkdtemp(prefix="bench_stream_align_"))
-    a, b, truth = build_pair(root, args.layers)
-    measured = costs("1.5B", args.layers)
-    print(f"| Qwen2.5-1.5B, {args.layers} of 28 layers | budget | planned peak | measured peak − imports | ratio | "
+    a, b, truth = build_pair(root, args.layers, args.size)
+    measured = costs(args.size, args.layers)
+    layers = f"{args.layers or QWEN[args.size]['num_hidden_layers']} of {QWEN[args.size]['num_hidden_layers']} layers"
+    print(f"| Qwen2.5-{args.size}, {layers} | budget | planned peak | measured peak − imports | ratio | "
           "sweep s | read s | similarity s | LAP s | LAP calls | π recovered |")
     rows = []
     for memory in args.memory or ["4GB"]:
         row = measure(a, b, memory)
         rows.append(row)
         grown = row["peak"] - row["base"] if row["peak"] else float("nan")
-        print(f"| measured | {memory} | {format_bytes(row['plan']['peak'])} | {format_bytes(int(grown))} | "
-              f"{grown / row['plan']['peak']:.2f} | {row['sweep']:.0f} | {row['read']:.0f} | {row['similarity']:.0f} | "
+        plan = row["plan"]["peak"] if row["plan"] else float("nan")
+        print(f"| measured | {memory} | {format_bytes(plan) if row['plan'] else '–'} | {format_bytes(int(grown))} | "
+              f"{grown / plan:.2f} | {row['sweep']:.0f} | {row['read']:.0f} | {row['similarity']:.0f} | "
               f"{row['lap']:.0f} | {row['lap_calls']} | {row['perms'] == truth} |")
     same = all(r["perms"] == rows[0]["perms"] for r in rows)
     print(f"\nsame permutations at every budget: {same}")
@@ -143,7 +151,8 @@ def main() -> None:
         total = sum(parts) + other * full["bytes"] / measured["bytes"]
         for memory in ("4GB", "8GB", "16GB"):
             try:
-                peak = format_bytes(plan_memory(full["spec"], full["shapes"], dict.fromkeys(full["shapes"], 2), memory).peak)
+                peak = format_bytes(plan_memory(full["spec"], full["shapes"], dict.fromkeys(full["shapes"], 2), memory,
+                                                solver_chunk=LAP_CHUNK_ENTRIES).peak)
             except ConfigError as exc:  # a budget below what one group needs
                 peak = str(exc).split(";")[0]
             print(f"| Qwen2.5-{size} | {memory} | {peak} | {total:.0f} | {parts[0]:.0f} | {parts[1]:.0f} | {parts[2]:.0f} |")
