@@ -5,7 +5,7 @@
 
 Builds A (random init of a hand-typed Qwen2.5 config, `--size` 0.5B / 1.5B / 7B, `--layers` of its blocks,
 full vocab) and B = π(A) for random π, both bf16 safetensors dirs; then, per budget (`none`: no plan, every
-round in one batch), streams `align` in a fresh subprocess: peak RSS (ru_maxrss) against the baseline after
+round in one batch), streams `align` in a fresh subprocess: peak RSS (VmHWM) against the baseline after
 imports and the planned peak, time per sweep split into read / similarity / LAP, and whether π was
 recovered. From the measured costs (seconds per similarity multiply-add, per LAP n³ and per byte read) it
 extrapolates a sweep of the full 1.5B and of Qwen2.5-7B, whose peaks come from the same planner run on the
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import subprocess
 import sys
 import tempfile
@@ -50,7 +49,8 @@ t0 = time.perf_counter()
 m = weight_matching(spec, a, b, max_iter=1, memory=memory)
 sweep = time.perf_counter() - t0
 after = distances(a, PermutedView(spec, b, m.perms), [k for k in spec.axes if k not in spec.buffers])
-json.dump({"base": base, "sweep": sweep, "similarity": m.similarity_seconds, "lap": m.lap_seconds,
+peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+json.dump({"base": base, "peak": peak, "sweep": sweep, "similarity": m.similarity_seconds, "lap": m.lap_seconds,
            "read": a.state.read_seconds + b.state.read_seconds, "plan": m.memory, "lap_calls": len(m.lap_backends),
            "l2_after": after["l2"], "perms": {g: p.tolist() for g, p in m.perms.items()}}, sys.stdout)
 """
@@ -64,33 +64,31 @@ def config(size: str, layers: int | None = None, dtype: torch.dtype = torch.bflo
 
 def build_pair(root: Path, layers: int | None, size: str = "1.5B", dtype: torch.dtype = torch.bfloat16
                ) -> tuple[Path, Path, dict]:
-    """A (random init, saved by `save_pretrained` in `dtype`) and B = π(A) written tensor by tensor; returns the
-    dirs and π⁻¹ (B → A)."""
+    """A (random init, saved by `save_pretrained` in `dtype`) and B = π(A) written tensor by tensor, unless
+    `root` holds them from an earlier run; returns the dirs and π⁻¹ (B → A)."""
     from lmctk.basin.saved import PermutedView, save_aligned
     from lmctk.loading import read_state, unloaded_skeleton
     from lmctk.spec import invert, random_perms, spec_for
 
-    torch.manual_seed(0)
-    torch.set_default_dtype(dtype)
-    transformers.Qwen2ForCausalLM(config(size, layers, dtype)).save_pretrained(root / "A")
-    torch.set_default_dtype(torch.float32)
-    skeleton = unloaded_skeleton(root / "A")
+    a, b = root / "A", root / "B"
+    if not (a / "config.json").exists():
+        torch.manual_seed(0)
+        torch.set_default_dtype(dtype)
+        transformers.Qwen2ForCausalLM(config(size, layers, dtype)).save_pretrained(a)
+        torch.set_default_dtype(torch.float32)
+    skeleton = unloaded_skeleton(a)
     spec = spec_for(skeleton)
     perms = random_perms(spec, torch.Generator().manual_seed(1))
-    source = read_state(root / "A", skeleton, lazy=True)
-    save_aligned(spec, PermutedView(spec, source, perms), perms, root / "B", source_dir=root / "A")
-    return root / "A", root / "B", {g: p.tolist() for g, p in invert(perms, spec).items()}
+    if not (b / "config.json").exists():
+        save_aligned(spec, PermutedView(spec, read_state(a, skeleton, lazy=True), perms), perms, b, source_dir=a)
+    return a, b, {g: p.tolist() for g, p in invert(perms, spec).items()}
 
 
 def measure(a: Path, b: Path, memory: str) -> dict:
-    """One streamed sweep in a fresh interpreter; its peak RSS from the kernel."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """One streamed sweep in a fresh interpreter; its peak RSS (VmHWM) from the kernel."""
     done = subprocess.run([sys.executable, "-c", CHILD, str(a), str(b), memory], capture_output=True, text=True,
                           check=True)
-    row = json.loads(done.stdout)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    row["peak"] = peak if peak > before * 1024 else None  # ru_maxrss is the max over children: rerun if not raised
-    return row
+    return json.loads(done.stdout)
 
 
 def costs(size: str, layers: int | None = None) -> dict:
@@ -133,7 +131,7 @@ def main() -> None:
     for memory in args.memory or ["4GB"]:
         row = measure(a, b, memory)
         rows.append(row)
-        grown = row["peak"] - row["base"] if row["peak"] else float("nan")
+        grown = row["peak"] - row["base"]
         plan = row["plan"]["peak"] if row["plan"] else float("nan")
         print(f"| measured | {memory} | {format_bytes(plan) if row['plan'] else '–'} | {format_bytes(int(grown))} | "
               f"{grown / plan:.2f} | {row['sweep']:.0f} | {row['read']:.0f} | {row['similarity']:.0f} | "

@@ -252,9 +252,11 @@ def test_align_cli_writes_an_aligned_model_that_loads_and_matches_streaming(tmp_
     def lmctk(*args):
         return subprocess.run([sys.executable, "-m", "lmctk", *map(str, args)], capture_output=True, text=True)
 
-    proc = lmctk("align", tmp_path / "s0", tmp_path / "s1", "--out", tmp_path / "al", "--json", tmp_path / "al.json")
+    proc = lmctk("align", tmp_path / "s0", tmp_path / "s1", "--out", tmp_path / "al", "--json", tmp_path / "al.json",
+                 "--memory", "1GB")
     assert proc.returncode == 0, proc.stderr
     assert "same function" in proc.stdout
+    assert proc.stdout.index("working set: at most") < proc.stdout.index("objective")  # the plan comes first
     report = json.loads((tmp_path / "al.json").read_text())
     assert report["distance"]["after"]["l2"] < report["distance"]["before"]["l2"]
     assert report["function_check"] < 1e-5
