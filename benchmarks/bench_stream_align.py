@@ -80,7 +80,7 @@ def build_pair(root: Path, layers: int | None, size: str = "1.5B", dtype: torch.
     spec = spec_for(skeleton)
     perms = random_perms(spec, torch.Generator().manual_seed(1))
     if not (b / "config.json").exists():
-        save_aligned(spec, PermutedView(spec, read_state(a, skeleton, lazy=True), perms), perms, b, source_dir=a)
+        save_aligned(spec, PermutedView(spec, read_state(a, skeleton, lazy=True), perms), perms, b, source=a)
     return a, b, {g: p.tolist() for g, p in invert(perms, spec).items()}
 
 

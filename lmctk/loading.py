@@ -25,7 +25,8 @@ from lmctk.io import (
     load_state,
     resolve_checkpoint,
 )
-from lmctk.models import build_model
+from lmctk.io.write import side_files
+from lmctk.models import build_model, check_options
 from lmctk.models.hf import model_from_config
 from lmctk.rundir import RunDir
 from lmctk.tasks import Task, get_task
@@ -44,6 +45,40 @@ def _manifest(run: Path) -> dict[str, Any]:
     return RunDir.open(run).manifest()
 
 
+MODEL_FILE = "lmctk-model.json"  # an lmctk model's registered name and resolved options, beside weights outside a run
+
+
+def model_files(path: str | Path) -> dict[str, bytes]:
+    """The files that say a checkpoint's architecture, to write beside weights derived from it (π(B), a
+    permuted copy): an HF dir's config, generation and tokenizer files, and for an lmctk model (a run
+    dir, or a dir written from one) `lmctk-model.json`, which names a registered model, never code."""
+    source = resolve_checkpoint(path)
+    files = {f.name: f.read_bytes() for f in side_files(source)} if source.is_dir() else {}
+    model = _lmctk_model(path)
+    if model is not None:
+        files[MODEL_FILE] = (json.dumps(model, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    return files
+
+
+def _lmctk_model(path: str | Path) -> dict[str, Any] | None:
+    """{"name", "options"} of an lmctk run dir's model or of a dir's `lmctk-model.json` (checked), else None."""
+    run = run_dir_of(path)
+    if run is not None:
+        return _manifest(run)["model"]
+    file = resolve_checkpoint(path) / MODEL_FILE
+    if not file.is_file():
+        return None
+    try:
+        model = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ConfigError(f"{file}: not valid UTF-8 JSON ({str(exc)[:80]}); write it again with `lmctk align --out`") from None
+    if not (isinstance(model, dict) and set(model) == {"name", "options"} and isinstance(model["options"], dict)):
+        raise ConfigError(f"{file}: expected {{\"name\": <lmctk model>, \"options\": {{...}}}}; write it again with "
+                          "`lmctk align --out`")
+    check_options(str(model["name"]), model["options"])  # an unknown name or option is refused here
+    return model
+
+
 def task_of(path: str | Path) -> tuple[str, dict[str, Any]] | None:
     """The (task name, options) a run dir was trained on, or None for other checkpoints."""
     run = run_dir_of(path)
@@ -54,9 +89,9 @@ def task_of(path: str | Path) -> tuple[str, dict[str, Any]] | None:
 
 def model_config_of(path: str | Path) -> Any:
     """What `lmctk.spec.spec_for` accepts for this checkpoint: a run's model config or an HF config dict."""
-    run = run_dir_of(path)
-    if run is not None:
-        return _manifest(run)["model"]
+    model = _lmctk_model(path)
+    if model is not None:
+        return model
     config = resolve_checkpoint(path) / "config.json"
     if not config.is_file():
         raise ConfigError(f"{path}: no config.json and not an lmctk run dir; cannot tell its architecture")
@@ -119,15 +154,14 @@ def unloaded_skeleton(path: str | Path, task: Task | None = None) -> nn.Module:
 
 
 def _build_skeleton(path: str | Path, task: Task | None) -> nn.Module:
-    run = run_dir_of(path)
-    if run is not None:
-        built = _manifest(run)["model"]  # every option resolved when the run was made: no task needed
+    built = _lmctk_model(path)
+    if built is not None:  # every option resolved when the run was made: no task needed
         return build_model(built["name"], **built["options"])
     config_file = resolve_checkpoint(path) / "config.json"
     if not config_file.is_file():
         raise ConfigError(
-            f"{path}: no config.json and not an lmctk run dir; cannot tell its architecture; "
-            "give run dirs or Hugging Face model dirs"
+            f"{path}: no config.json, no {MODEL_FILE} and not an lmctk run dir; cannot tell its architecture; "
+            "give run dirs, dirs lmctk wrote from them, or Hugging Face model dirs"
         )
     import transformers
 

@@ -267,6 +267,14 @@ def test_align_cli_writes_an_aligned_model_that_loads_and_matches_streaming(tmp_
     written = LazyState(tmp_path / "al")
     assert all(torch.equal(written[k], expected[k]) for k in expected)
 
+    # the output says its architecture (lmctk-model.json: a registered model, never code), so it can be used again
+    used = lmctk("barrier", tmp_path / "s0", tmp_path / "al", "--task", "digits", "--points", "3")
+    assert used.returncode in (0, 3), used.stderr
+    (tmp_path / "al" / "lmctk-model.json").write_text('{"name": "os:system", "options": {}}')
+    hostile = lmctk("barrier", tmp_path / "s0", tmp_path / "al", "--task", "digits", "--points", "3")
+    assert hostile.returncode == 2 and "unknown model 'os:system'" in hostile.stderr
+    assert "Traceback" not in hostile.stderr
+
     streamed = lmctk("align", tmp_path / "s0", tmp_path / "s1", "--stream", "--json", tmp_path / "st.json")
     assert streamed.returncode == 0, streamed.stderr
     assert json.loads((tmp_path / "st.json").read_text())["perms"] == report["perms"]

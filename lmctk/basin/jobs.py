@@ -32,7 +32,7 @@ from lmctk.basin.saved import (
     save_perms,
 )
 from lmctk.errors import ConfigError
-from lmctk.io import format_bytes, resolve_checkpoint, state_shapes
+from lmctk.io import format_bytes, state_shapes
 from lmctk.loading import load_model_state, read_state, resolve_task, unloaded_skeleton
 from lmctk.metrics import distances
 from lmctk.render import line_plot, terminal_curve
@@ -154,7 +154,7 @@ def align_checkpoints(
     aligned = state_b if not stream else PermutedView(spec, state_b, match.perms)
     report = AlignReport(match, before, distances(state_a, aligned, keys), check)
     if out is not None and not perms_only:
-        report.written.append(save_aligned(spec, aligned, match, out, source_dir=resolve_checkpoint(b),
+        report.written.append(save_aligned(spec, aligned, match, out, source=b,
                                            overwrite=overwrite))
     targets = [Path(out) / PERMS_NAME] if out is not None and perms_only else []
     for file in targets + ([Path(perms)] if perms is not None else []):
@@ -192,7 +192,7 @@ def permute_checkpoint(checkpoint: str | Path, perms: str | Path, out: str | Pat
     saved = load_perms(perms, spec)
     state = read_state(checkpoint, skeleton, lazy=True)  # tied aliases the file omits are read, and omitted again
     spec.validate(state_shapes(state))
-    written = save_aligned(spec, PermutedView(spec, state, saved), saved, out, source_dir=resolve_checkpoint(checkpoint),
+    written = save_aligned(spec, PermutedView(spec, state, saved), saved, out, source=checkpoint,
                            overwrite=overwrite)
     moved = {g: int((p != torch.arange(p.shape[-1])).sum()) for g, p in saved.items()}
     return PermuteReport(Path(checkpoint), Path(perms), written, moved)

@@ -28,7 +28,7 @@ from lmctk.io import (
     stream_hf_dir,
 )
 from lmctk.io.atomic import staged, writing
-from lmctk.io.write import side_files
+from lmctk.loading import model_files
 from lmctk.spec.core import Perms, PermutationSpec, permute_tensor, spec_hash
 
 PERMS_NAME = "permutations.safetensors"
@@ -79,20 +79,21 @@ def save_aligned(
     perms: MatchResult | Perms,
     out_dir: str | Path,
     *,
-    source_dir: str | Path | None = None,
+    source: str | Path | None = None,
     shard_size: int | str = "2GB",
     overwrite: bool = False,
 ) -> Path:
     """Write π(B) (`aligned`: B permuted in place, or a `PermutedView` of a LazyState) as an HF model dir,
-    one tensor at a time, with `perms` in its permutations file and B's `config.json` and tokenizer files
-    copied from `source_dir`. Tensors keep B's stored names; tied aliases B's checkpoint omits are omitted
-    again (`io.keys.stored_names`)."""
+    one tensor at a time, with `perms` in its permutations file and what says B's architecture copied from
+    `source`, B's path (`loading.model_files`: config.json and tokenizer files, or `lmctk-model.json` for an
+    lmctk run). Tensors keep B's stored names; tied aliases B's checkpoint omits are omitted again
+    (`io.keys.stored_names`)."""
     perms = perms.perms if isinstance(perms, MatchResult) else perms
     shapes, names = state_shapes(aligned), stored_names(aligned)
     dtypes = aligned.dtypes if hasattr(aligned, "dtypes") else {k: aligned[k].dtype for k in names}
     slots = [TensorSlot(stored, tuple(shapes[key]), dtypes[key]) for key, stored in names.items()]
     key_of = {stored: key for key, stored in names.items()}
-    files = {f.name: f.read_bytes() for f in side_files(Path(source_dir))} if source_dir else {}
+    files = model_files(source) if source is not None else {}
     files[PERMS_NAME] = perms_bytes(spec, perms)
     return stream_hf_dir(out_dir, slots, lambda name: aligned[key_of[name]].contiguous(), shard_size=shard_size,
                          files=files, overwrite=overwrite)
