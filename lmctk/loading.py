@@ -54,10 +54,13 @@ def model_files(path: str | Path) -> dict[str, bytes]:
     dir, or a dir written from one) `lmctk-model.json`, which names a registered model, never code."""
     source = resolve_checkpoint(path)
     files = {f.name: f.read_bytes() for f in side_files(source)} if source.is_dir() else {}
+    return {**files, **lmctk_model_file(path)}
+
+
+def lmctk_model_file(path: str | Path) -> dict[str, bytes]:
+    """{"lmctk-model.json": its bytes} for a checkpoint of an lmctk model (see `model_files`), else {}."""
     model = _lmctk_model(path)
-    if model is not None:
-        files[MODEL_FILE] = (json.dumps(model, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    return files
+    return {} if model is None else {MODEL_FILE: (json.dumps(model, indent=2, sort_keys=True) + "\n").encode("utf-8")}
 
 
 def _lmctk_model(path: str | Path) -> dict[str, Any] | None:

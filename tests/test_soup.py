@@ -392,6 +392,9 @@ def test_greedy_soup_from_run_dirs_leaves_the_stranger_out(digits_runs, tmp_path
     card = (out / "README.md").read_text()
     assert "Greedy selection" in card and "| no |" in card and "test accuracy" in card
     assert f"| 2 | `{paths[1]}` | 0.0000 |" in card  # the stranger has no weight in the soup
+    from lmctk.loading import model_config_of
+
+    assert model_config_of(out) == model_config_of(paths[0])  # lmctk-model.json: the soup can be used again
 
 
 def test_soupable_rejects_the_mixed_set_and_names_the_stranger(digits_runs, tmp_path, capsys):

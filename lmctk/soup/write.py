@@ -19,6 +19,7 @@ from lmctk.io.info import dtype_name
 from lmctk.io.lazy import TensorReader
 from lmctk.io.read import require_finite
 from lmctk.io.write import SIDE_FILES
+from lmctk.loading import lmctk_model_file
 from lmctk.soup.plan import SoupPlan
 
 
@@ -98,9 +99,10 @@ def stream_soup(
 
 
 def _side_files(plan: SoupPlan) -> dict[str, bytes]:
-    """config.json (dtype updated) and generation config of the first ingredient, tokenizer files of the source."""
+    """config.json (dtype updated) and generation config of the first ingredient, tokenizer files of the source;
+    for ingredients from lmctk runs, the first one's `lmctk-model.json` (its registered model and options)."""
     if plan.tokenizer_source is None:
-        return {}
+        return lmctk_model_file(plan.ingredients[0].path)
     source = plan.ingredients[plan.tokenizer_source]
     config_dir = plan.ingredients[0].dir or source.dir
     files: dict[str, bytes] = {}
@@ -110,7 +112,7 @@ def _side_files(plan: SoupPlan) -> dict[str, bytes]:
             files[name] = (origin / name).read_bytes()
     if "config.json" in files:
         files["config.json"] = _with_dtype(files["config.json"], plan)
-    return files
+    return {**files, **lmctk_model_file(plan.ingredients[0].path)}
 
 
 def _with_dtype(raw: bytes, plan: SoupPlan) -> bytes:
