@@ -1,9 +1,10 @@
-"""π(B) in place: the same tensors as `permute_state`, slab by slab, tied weights permuted once, on every
+"""π(B) in place and π(B) a slab at a time: the same tensors as `permute_state`, tied weights permuted once, on every
 architecture at odd sizes (GPT-2's fused q|k|v, GQA 6 q / 2 kv heads, NeoX, BERT, MLP, CNN, ResNet)."""
 
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -63,11 +64,17 @@ def test_in_place_equals_a_permuted_copy(name, seed, chunk, tie):
     saved = core.CHUNK
     core.CHUNK = chunk
     try:
+        slabs = {key: list(core.permuted_slabs(state[key], spec.axes[key], spec.groups, perms, blocks=spec.blocks))
+                 for key in spec.axes}
         permute_in_place(state, spec, perms)
     finally:
         core.CHUNK = saved
     for key, value in expected.items():
         assert torch.equal(state[key], value), key
+    for key, parts in slabs.items():  # the permuted copy a slab at a time: the same tensor, in order
+        axis = parts[0][0]
+        assert [start for _, start, _, _ in parts] == list(itertools.accumulate([0] + [n for *_, n, _ in parts[:-1]]))
+        assert torch.equal(torch.cat([slab for *_, slab in parts], axis).reshape(expected[key].shape), expected[key])
     moved = [k for k in spec.axes if k not in spec.buffers and not torch.equal(state[k], model.state_dict()[k])]
     assert moved, "random non-identity perms moved no tensor"
 

@@ -41,6 +41,7 @@ from lmctk.spec.core import (
     is_identity,
     permute_state,
     permute_tensor,
+    permuted_slabs,
     shared_within,
 )
 
@@ -97,7 +98,10 @@ def _terms(spec: PermutationSpec, a: State, b: State, perms: Perms, keys) -> dic
     out = {}
     for key, axes in spec.axes.items():
         if key in keys and key not in spec.buffers:
-            out[key] = dot(a[key], permute_tensor(b[key], axes, spec.groups, perms, indices, spec.blocks))
+            x = a[key]  # read once: a lazy state reads on every access
+            x = x if x.dim() else x.reshape(1)
+            out[key] = sum((dot(x.narrow(axis, start, length), slab) for axis, start, length, slab
+                            in permuted_slabs(b[key], axes, spec.groups, perms, indices, spec.blocks)), 0.0)
     return out
 
 

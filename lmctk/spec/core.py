@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Union
@@ -284,6 +284,30 @@ def permute_tensor(
         if index is not None:
             tensor = tensor.index_select(axis, index.to(tensor.device))
     return tensor
+
+
+def permuted_slabs(
+    tensor: torch.Tensor, axes: Axes, groups: Mapping[str, int], perms: Mapping[str, torch.Tensor],
+    cache: dict | None = None, blocks: Mapping[str, str] = NO_BLOCKS,
+) -> Iterator[tuple[int, int, int, torch.Tensor]]:
+    """`permute_tensor(tensor, ...)` a slab of about CHUNK elements at a time along its longest axis, as
+    (axis, start, length, slab): slab == permute_tensor(...).narrow(axis, start, length), and the whole
+    permuted copy is never held (a dot product with the 151936-row embedding of a Qwen2 needs one slab)."""
+    along = max(range(tensor.dim()), key=lambda d: tensor.shape[d]) if tensor.dim() else 0
+    view = tensor if tensor.dim() else tensor.reshape(1)
+    indices = [None if layout is None else _cached_index(layout, groups, perms, cache, blocks) for layout in axes]
+    indices += [None] * (view.dim() - len(indices))
+    size = view.shape[along]
+    step = max(1, CHUNK * size // max(1, view.numel()))
+    for start in range(0, size, step):
+        length = min(step, size - start)
+        rows = indices[along]
+        slab = view.narrow(along, start, length) if rows is None else view.index_select(
+            along, rows[start:start + length].to(view.device))
+        for axis, index in enumerate(indices):
+            if axis != along and index is not None:
+                slab = slab.index_select(axis, index.to(view.device))
+        yield along, start, length, slab
 
 
 def _gather_in_place(tensor: torch.Tensor, axis: int, index: torch.Tensor) -> None:
