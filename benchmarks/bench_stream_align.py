@@ -30,7 +30,7 @@ QWEN = {"0.5B": {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_hea
         "1.5B": {"hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
                  "intermediate_size": 8960, "vocab_size": 151936},
         "7B": {"hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
-               "intermediate_size": 18944, "vocab_size": 152064}}
+               "intermediate_size": 18944, "vocab_size": 152064, "tie_word_embeddings": False}}
 CHILD = """
 import json, sys, time
 from lmctk.basin.align import weight_matching
@@ -58,7 +58,8 @@ json.dump({"base": base, "peak": peak, "sweep": sweep, "similarity": m.similarit
 
 def config(size: str, layers: int | None = None, dtype: torch.dtype = torch.bfloat16) -> transformers.Qwen2Config:
     options = {**QWEN[size], **({"num_hidden_layers": layers} if layers else {})}
-    return transformers.Qwen2Config(**options, tie_word_embeddings=True, torch_dtype=str(dtype).removeprefix("torch."),
+    options.setdefault("tie_word_embeddings", True)  # 0.5B and 1.5B tie the embedding and lm_head; 7B does not
+    return transformers.Qwen2Config(**options, torch_dtype=str(dtype).removeprefix("torch."),
                                     architectures=["Qwen2ForCausalLM"])
 
 
