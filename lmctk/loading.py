@@ -67,7 +67,10 @@ def _lmctk_model(path: str | Path) -> dict[str, Any] | None:
     """{"name", "options"} of an lmctk run dir's model or of a dir's `lmctk-model.json` (checked), else None."""
     run = run_dir_of(path)
     if run is not None:
-        return _manifest(run)["model"]
+        model = _manifest(run)["model"]
+        if any((run / "checkpoints").iterdir()):  # a run not yet checkpointed has nothing to hold it against
+            _check_size(model, path, run / "manifest.json")
+        return model
     file = resolve_checkpoint(path) / MODEL_FILE
     if not file.is_file():
         return None
@@ -79,7 +82,19 @@ def _lmctk_model(path: str | Path) -> dict[str, Any] | None:
         raise ConfigError(f"{file}: expected {{\"name\": <lmctk model>, \"options\": {{...}}}}; write it again with "
                           "`lmctk align --out`")
     check_options(str(model["name"]), model["options"])  # an unknown name or option is refused here
+    _check_size(model, path, file)
     return model
+
+
+def _check_size(model: dict[str, Any], path: str | Path, where: Path) -> None:
+    """Refuse a description with more parameters than the checkpoint holds (built on meta: nothing allocated),
+    so absurd sizes in a file end in a one-line error, not an allocation of terabytes."""
+    with torch.device("meta"):
+        described = sum(p.numel() for p in build_model(model["name"], **model["options"]).parameters())
+    held = inspect_checkpoint(resolve_checkpoint(path)).num_params
+    if described > held:
+        raise ConfigError(f"{where}: describes a model of {described:,} parameters but the checkpoint holds "
+                          f"{held:,}; fix the sizes in it")
 
 
 def task_of(path: str | Path) -> tuple[str, dict[str, Any]] | None:

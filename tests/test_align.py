@@ -14,7 +14,7 @@ from lmctk.basin.align import (
 )
 from lmctk.basin.budget import plan_memory
 from lmctk.errors import ConfigError, KeyMismatchError
-from lmctk.io import LazyState, save_state
+from lmctk.io import LazyState, load_state, save_state
 from lmctk.models import build_model
 from lmctk.spec import invert, permute_state, random_perms, spec_for
 from lmctk.tasks import get_task
@@ -296,3 +296,33 @@ def test_load_model_state_fills_the_tied_head_a_save_pretrained_dir_omits(tmp_pa
     model, state, task = load_model_state(tmp_path / "hf")
     assert state["lm_head.weight"] is state["transformer.wte.weight"] and task is None
     assert torch.equal(model.lm_head.weight, state["transformer.wte.weight"])
+
+
+def test_absurd_sizes_in_a_model_file_are_refused_in_one_line(tmp_path):
+    """lmctk-model.json (or a run's manifest) whose sizes describe more parameters than the checkpoint holds:
+    a one-line error naming the file, before anything is allocated."""
+    import json
+
+    from lmctk.loading import (
+        MODEL_FILE,
+        load_model_state,
+        model_config_of,
+        unloaded_skeleton,
+    )
+
+    fit(TrainConfig(task="digits", model="mlp", seed=0, steps=2), tmp_path / "run")
+    out = tmp_path / "copy"
+    save_state(load_state(tmp_path / "run"), out / "model.safetensors")
+    description = model_config_of(tmp_path / "run")
+    (out / MODEL_FILE).write_text(json.dumps(description))
+    assert unloaded_skeleton(out) is not None and load_model_state(out)[1]  # a true description loads
+    (out / MODEL_FILE).write_text(json.dumps({**description, "options": {**description["options"],
+                                                                         "widths": [10**9, 10**9]}}))
+    with pytest.raises(ConfigError, match=r"lmctk-model.json: describes a model of .* parameters but the checkpoint"):
+        load_model_state(out)
+    manifest = tmp_path / "run" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["model"]["options"]["widths"] = [10**9]
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"manifest.json: describes a model"):
+        model_config_of(tmp_path / "run")
