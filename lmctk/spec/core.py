@@ -286,6 +286,14 @@ def permute_tensor(
     return tensor
 
 
+def _slabs(tensor: torch.Tensor, along: int) -> Iterator[tuple[int, int]]:
+    """(start, length) of consecutive slabs of `tensor` along axis `along`, each about CHUNK elements."""
+    size = tensor.shape[along]
+    step = max(1, CHUNK * size // max(1, tensor.numel()))
+    for start in range(0, size, step):
+        yield start, min(step, size - start)
+
+
 def permuted_slabs(
     tensor: torch.Tensor, axes: Axes, groups: Mapping[str, int], perms: Mapping[str, torch.Tensor],
     cache: dict | None = None, blocks: Mapping[str, str] = NO_BLOCKS,
@@ -297,10 +305,7 @@ def permuted_slabs(
     view = tensor if tensor.dim() else tensor.reshape(1)
     indices = [None if layout is None else _cached_index(layout, groups, perms, cache, blocks) for layout in axes]
     indices += [None] * (view.dim() - len(indices))
-    size = view.shape[along]
-    step = max(1, CHUNK * size // max(1, view.numel()))
-    for start in range(0, size, step):
-        length = min(step, size - start)
+    for start, length in _slabs(view, along):
         rows = indices[along]
         slab = view.narrow(along, start, length) if rows is None else view.index_select(
             along, rows[start:start + length].to(view.device))
@@ -318,10 +323,8 @@ def _gather_in_place(tensor: torch.Tensor, axis: int, index: torch.Tensor) -> No
         tensor.copy_(tensor.index_select(axis, index))
         return
     along = max(others, key=lambda d: tensor.shape[d])
-    size = tensor.shape[along]
-    step = max(1, CHUNK * size // max(1, tensor.numel()))
-    for start in range(0, size, step):
-        slab = tensor.narrow(along, start, min(step, size - start))
+    for start, length in _slabs(tensor, along):
+        slab = tensor.narrow(along, start, length)
         slab.copy_(slab.index_select(axis, index))
 
 
