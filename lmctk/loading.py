@@ -250,7 +250,7 @@ def check_task_fits(task: Task, path: str | Path) -> None:
     (read from its config; nothing is built): a task vocabulary larger than the model's would fail
     deep in evaluation."""
     config = model_config_of(path)
-    sizes = config.get("options", {}) if run_dir_of(path) is not None else config
+    sizes = config["options"] if isinstance(config.get("options"), dict) else config  # lmctk model or HF config
     needs = task.model_options()
     for option, what in _OUTPUT_SIZES.items():
         has = sizes.get(option)

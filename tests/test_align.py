@@ -305,6 +305,7 @@ def test_absurd_sizes_in_a_model_file_are_refused_in_one_line(tmp_path):
 
     from lmctk.loading import (
         MODEL_FILE,
+        check_task_fits,
         load_model_state,
         model_config_of,
         unloaded_skeleton,
@@ -316,6 +317,8 @@ def test_absurd_sizes_in_a_model_file_are_refused_in_one_line(tmp_path):
     description = model_config_of(tmp_path / "run")
     (out / MODEL_FILE).write_text(json.dumps(description))
     assert unloaded_skeleton(out) is not None and load_model_state(out)[1]  # a true description loads
+    with pytest.raises(ConfigError, match="number of classes is 10 but task 'synthetic' needs 20"):
+        check_task_fits(get_task("synthetic", num_classes=20), out)  # its sizes are read like a run's
     (out / MODEL_FILE).write_text(json.dumps({**description, "options": {**description["options"],
                                                                          "widths": [10**9, 10**9]}}))
     with pytest.raises(ConfigError, match=r"lmctk-model.json: describes a model of .* parameters but the checkpoint"):
