@@ -63,7 +63,8 @@ def _model_class(config):
 def make(name: str, root: Path, noisy: int = 1) -> None:
     """A, B = π(A) and `noisy` copies A + 1e-3·noise, saved with save_pretrained (child process)."""
     from lmctk.spec import spec_for
-    from lmctk.spec.core import permute_state, random_perms
+    from lmctk.spec.core import random_perms
+    from lmctk.spec.permute import permute_state
 
     dtype = getattr(torch, MODELS[name][2])
     torch.manual_seed(0)

@@ -210,7 +210,8 @@ def test_stream_align_recovers_a_permuted_full_vocab_gpt2_and_soups_it(tmp_path)
 
     from lmctk.io import LazyState
     from lmctk.spec import spec_for
-    from lmctk.spec.core import permute_state, random_perms
+    from lmctk.spec.core import random_perms
+    from lmctk.spec.permute import permute_state
 
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=64))

@@ -12,7 +12,7 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import lmctk.spec.core as core
+import lmctk.spec.permute as permute
 from lmctk.models import build_model
 from lmctk.spec import permute_in_place, permute_state, random_perms, spec_for
 
@@ -61,14 +61,14 @@ def test_in_place_equals_a_permuted_copy(name, seed, chunk, tie):
     expected = permute_state(model.state_dict(), spec, perms)
     twin = copy.deepcopy(model)  # deepcopy keeps tied parameters one tensor, as a loaded state has them
     state = twin.state_dict()
-    saved = core.CHUNK
-    core.CHUNK = chunk
+    saved = permute.CHUNK
+    permute.CHUNK = chunk
     try:
-        slabs = {key: list(core.permuted_slabs(state[key], spec.axes[key], spec.groups, perms, blocks=spec.blocks))
+        slabs = {key: list(permute.permuted_slabs(state[key], spec.axes[key], spec.groups, perms, blocks=spec.blocks))
                  for key in spec.axes}
         permute_in_place(state, spec, perms)
     finally:
-        core.CHUNK = saved
+        permute.CHUNK = saved
     for key, value in expected.items():
         assert torch.equal(state[key], value), key
     for key, parts in slabs.items():  # the permuted copy a slab at a time: the same tensor, in order
@@ -92,7 +92,7 @@ def test_tied_weights_are_permuted_once():
 
 
 def test_a_one_dimensional_tensor_and_a_bf16_tensor():
-    spec = core.PermutationSpec({"h": 5}, {"w": ("h", None), "b": ("h",)})
+    spec = permute.PermutationSpec({"h": 5}, {"w": ("h", None), "b": ("h",)})
     perm = {"h": torch.tensor([4, 2, 0, 1, 3])}
     w = torch.randn(5, 3).to(torch.bfloat16)
     state = {"w": w.clone(), "b": torch.arange(5.0)}

@@ -35,15 +35,12 @@ from lmctk.metrics import dot
 from lmctk.spec.core import (
     Perms,
     PermutationSpec,
-    group_slices,
+    gather_index,
     groups_in,
     identity_perms,
-    is_identity,
-    permute_state,
-    permute_tensor,
-    permuted_slabs,
     shared_within,
 )
+from lmctk.spec.permute import permute_state, permute_tensor, permuted_slabs
 
 State = Mapping[str, torch.Tensor]
 
@@ -52,8 +49,7 @@ def _slices(spec: PermutationSpec, tensor: torch.Tensor, axes, axis: int, group:
     """`group`'s elements of the tensor as a [before, n_group, after] view ([…, n_block * n_group, …] per block)."""
     key = (axes[axis], group)
     if key not in cache:
-        flat = group_slices(axes[axis], spec.groups, group, spec.blocks).reshape(-1)
-        cache[key] = None if is_identity(flat) else flat
+        cache[key] = gather_index(axes[axis], spec.groups, group, spec.blocks)
     return gathered(tensor, axis, cache[key])
 
 

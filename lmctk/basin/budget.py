@@ -22,7 +22,7 @@ from lmctk.basin.lap import LAP_CHUNK_ENTRIES
 from lmctk.errors import ConfigError
 from lmctk.io import format_bytes, parse_size
 from lmctk.metrics import CHUNK, fp32_chunks
-from lmctk.spec.core import PermutationSpec, group_slices, is_identity
+from lmctk.spec.core import PermutationSpec, gather_index
 
 
 @contextmanager
@@ -107,8 +107,7 @@ def default_budget() -> int:
 
 def _gathers(spec: PermutationSpec, key: str, axis: int, group: str) -> bool:
     """Whether reading `group`'s slices of `key` along `axis` copies them (part of a fused axis)."""
-    layout = spec.axes[key][axis]
-    return not is_identity(group_slices(layout, spec.groups, group, spec.blocks).reshape(-1))
+    return gather_index(spec.axes[key][axis], spec.groups, group, spec.blocks) is not None
 
 
 def plan_memory(spec: PermutationSpec, shapes: Mapping[str, tuple[int, ...]], itemsizes: Mapping[str, int],

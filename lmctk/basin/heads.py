@@ -11,13 +11,8 @@ import torch
 
 from lmctk.basin import lap
 from lmctk.io import state_device
-from lmctk.spec.core import (
-    Perms,
-    PermutationSpec,
-    coordinates,
-    group_slices,
-    permute_tensor,
-)
+from lmctk.spec.core import Perms, PermutationSpec, coordinates, group_slices
+from lmctk.spec.permute import permute_tensor
 
 State = Mapping[str, torch.Tensor]
 

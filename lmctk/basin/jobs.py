@@ -37,7 +37,8 @@ from lmctk.loading import load_model_state, read_state, resolve_task, unloaded_s
 from lmctk.metrics import distances
 from lmctk.render import line_plot, terminal_curve
 from lmctk.spec import spec_for
-from lmctk.spec.core import Perms, PermutationSpec, permute_in_place
+from lmctk.spec.core import Perms, PermutationSpec
+from lmctk.spec.permute import permute_in_place
 from lmctk.spec.preservation import example_inputs, model_outputs, relative_difference
 from lmctk.train import resolve_device
 

@@ -29,7 +29,8 @@ from lmctk.io import (
 )
 from lmctk.io.atomic import staged, writing
 from lmctk.loading import model_files
-from lmctk.spec.core import Perms, PermutationSpec, permute_tensor, spec_hash
+from lmctk.spec.core import Perms, PermutationSpec, spec_hash
+from lmctk.spec.permute import permute_tensor
 
 PERMS_NAME = "permutations.safetensors"
 

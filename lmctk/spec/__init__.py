@@ -12,11 +12,10 @@ from lmctk.spec.core import (
     Prod,
     identity_perms,
     invert,
-    permute_in_place,
-    permute_state,
     random_perms,
     spec_hash,
 )
+from lmctk.spec.permute import permute_in_place, permute_state
 from lmctk.spec.preservation import check
 from lmctk.spec.registry import register, spec_for
 

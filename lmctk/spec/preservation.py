@@ -10,7 +10,8 @@ from torch import nn
 from torch.func import functional_call
 
 from lmctk.errors import ConfigError
-from lmctk.spec.core import PermutationSpec, permute_state, random_perms
+from lmctk.spec.core import PermutationSpec, random_perms
+from lmctk.spec.permute import permute_state
 
 
 @dataclass
